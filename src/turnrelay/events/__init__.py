@@ -1,0 +1,1 @@
+"""EventLog: the ordered, replayable frames of each turn."""

@@ -1,0 +1,1 @@
+"""Lease: at most one executor runs a session at a time."""

@@ -1,0 +1,1 @@
+"""TurnQueue: hands turns to executors and broadcasts cancels."""

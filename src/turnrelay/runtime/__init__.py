@@ -1,0 +1,1 @@
+"""AgentRuntime: runs one turn against a model and yields what happens."""

@@ -1,0 +1,150 @@
+"""Settings: data, loaded once by the CLI and passed down.
+
+Every variable has the prefix ``TURNRELAY_`` and a ``.env`` file is honoured.
+Durations accept ``250ms``, ``15s``, ``25m``, ``1h`` or a plain number of seconds.
+Nothing in the package reads the environment except ``Settings()`` in the CLI.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from turnrelay.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"25m"``, ``"15s"``, ``"250ms"``, ``"1h"`` or a number."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 250ms, 15s, 25m, 1h)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """``provider:model`` split at the first colon (``openai:llama3.1:8b``)."""
+
+    provider: str
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        provider, sep, name = text.strip().partition(":")
+        if not sep or not provider or not name:
+            raise ValueError(f"model must be provider:model, got {text!r}")
+        return cls(provider, name)
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.name}"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TURNRELAY_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    database_url: str = "sqlite+aiosqlite:///./.turnrelay/turnrelay.db"
+    broker_url: str = "memory://"
+    redis_url: str = "memory://"
+    storage_url: str = "file://./.turnrelay/storage"
+    database_manager_url: str | None = None
+    database_manager_secret: str | None = None
+
+    model: str | None = None
+    models: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(
+        default_factory=list
+    )
+    num_workers: int = Field(5, ge=1, le=1000)
+    executor_port: int = Field(8008, ge=0, le=65535)
+    api_keys: str | None = None
+    system_prompt: str = (
+        "You are a helpful assistant. Answer concisely and use the tools you are given "
+        "when they help."
+    )
+
+    # Kept below RabbitMQ's consumer timeout (30 min by default): a turn the broker
+    # takes back while it still runs would be delivered again and run twice.
+    turn_timeout: Duration = 25 * 60.0
+    # How long a finished turn's frames stay replayable for late readers.
+    stream_retention: Duration = 3600.0
+    # None: 30 s for `serve`, 25 min for `executor` (the CLI picks).
+    shutdown_grace: Duration | None = None
+    max_running_turns_per_user: int = Field(5, ge=1)
+    max_queued_turns_per_session: int = Field(10, ge=1)
+    history_tokens: int = Field(32000, ge=256)
+    cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(
+        default_factory=list
+    )
+
+    # Lease: ~15 s TTL, refreshed every TTL/3 by the turn's heartbeat, so two
+    # missed refreshes still leave the lease held; a crashed executor's session
+    # is free again within one TTL.
+    lease_ttl: Duration = 15.0
+    # SSE comment cadence: below common proxy idle timeouts (30-60 s).
+    heartbeat_interval: Duration = 10.0
+    # How often the sweeper re-publishes a session head turn that was missed.
+    sweep_interval: Duration = 30.0
+    # Delay before a delivery whose session lease is held elsewhere is retried.
+    requeue_delay: Duration = 1.0
+    max_attempts: int = Field(3, ge=1, le=10)
+    max_message_bytes: int = Field(64 * 1024, ge=1)
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            ModelRef.parse(value)
+            return value.strip()
+        return None
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ModelRef.parse(item)
+        return value
+
+    # -- derived ---------------------------------------------------------------------
+
+    def user_tokens(self) -> dict[str, str]:
+        """``token -> user_id`` from ``API_KEYS``; empty means single local user."""
+        tokens: dict[str, str] = {}
+        if not self.api_keys:
+            return tokens
+        for pair in self.api_keys.split(","):
+            pair = pair.strip()
+            if not pair:
+                continue
+            token, sep, user = pair.partition("=")
+            if not sep or not token.strip() or not user.strip():
+                raise ConfigError(f"TURNRELAY_API_KEYS entry {pair!r} is not token=user_id")
+            tokens[token.strip()] = user.strip()
+        return tokens
+
+    def allowed_models(self) -> list[str]:
+        """The allow-list; defaults to the default model alone."""
+        if self.models:
+            return list(self.models)
+        return [self.model] if self.model else []
+
+    def grace(self, default: float) -> float:
+        return self.shutdown_grace if self.shutdown_grace is not None else default

@@ -1,0 +1,1 @@
+"""ChatStore: sessions, messages and turns in a SQL database."""
