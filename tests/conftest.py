@@ -1,0 +1,67 @@
+"""Shared test fixtures.
+
+Real services are found through environment variables (defaults: the local
+servers). A test that needs a server skips with the reason when it is
+unreachable, except under ``CI`` where an unreachable server fails the test:
+CI must prove the real-service behaviour, never quietly skip it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from urllib.parse import urlparse
+
+import pytest
+
+POSTGRES_URL = os.environ.get(
+    "TURNRELAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("TURNRELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("TURNRELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parsed = urlparse(url.replace("+asyncpg", ""))
+    host = parsed.hostname or "127.0.0.1"
+    port = parsed.port or default_port
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require_server(name: str, url: str, default_port: int) -> None:
+    """Skip locally, fail under CI, when the server behind ``url`` is unreachable."""
+    if _reachable(url, default_port):
+        return
+    message = f"{name} is unreachable at {url}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI must run the real-service tests)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    require_server("PostgreSQL", POSTGRES_URL, 5432)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def redis_url() -> str:
+    require_server("Redis", REDIS_URL, 6379)
+    return REDIS_URL
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    require_server("RabbitMQ", AMQP_URL, 5672)
+    return AMQP_URL
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique name for queues, streams, schemas and keys of one test."""
+    return uuid.uuid4().hex[:12]
