@@ -1,0 +1,284 @@
+"""One EventLog contract, run against the in-memory twin and Redis Streams.
+
+Time passes on a ManualClock for the memory log and for real (short TTLs,
+bounded waits) on Redis; ``Harness.elapse`` hides the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+import redis.asyncio as aioredis
+
+from turnrelay.clock import ManualClock
+from turnrelay.errors import BackendUnavailable, NotFound, StaleWriter
+from turnrelay.events.base import EventLog, Frame, LogInfo
+from turnrelay.events.memory import MemoryEventLog
+from turnrelay.events.redis import RedisEventLog
+
+SHORT_TTL = 0.2  # seconds: real on Redis, simulated on the memory log
+BOUND = 3.0  # upper bound on any wait that should end much sooner
+
+
+@dataclass
+class Harness:
+    log: EventLog
+    clock: ManualClock | None  # None: real time (Redis)
+
+    async def elapse(self, seconds: float) -> None:
+        if self.clock is not None:
+            self.clock.advance(seconds)
+        else:
+            await asyncio.sleep(seconds)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], bound: float = BOUND) -> None:
+    deadline = time.monotonic() + bound
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def frames(*seqs: int, terminal_at: int | None = None) -> list[Frame]:
+    return [Frame(seq=s, data=f'{{"n":{s}}}', terminal=s == terminal_at) for s in seqs]
+
+
+async def _delete_prefix(url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def harness(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Harness]:
+    if request.param == "memory":
+        clock = ManualClock()
+        yield Harness(MemoryEventLog(clock), clock)
+        return
+    url: str = request.getfixturevalue("redis_url")
+    prefix = f"test-{unique}"
+    log = RedisEventLog(url, key_prefix=prefix)
+    await log.startup()
+    try:
+        yield Harness(log, None)
+    finally:
+        await log.shutdown()
+        await _delete_prefix(url, prefix)
+
+
+async def test_append_then_read_in_order(harness: Harness) -> None:
+    log = harness.log
+    await log.append("t1", frames(1, 2))
+    await log.append("t1", frames(3, 4, terminal_at=4))
+    got = await log.read({"t1": 0})
+    assert got == {"t1": frames(1, 2, 3, 4, terminal_at=4)}
+    assert got["t1"][-1].terminal and not got["t1"][0].terminal
+
+
+async def test_read_from_a_cursor_midway_and_with_count(harness: Harness) -> None:
+    log = harness.log
+    await log.append("t1", frames(*range(1, 8)))
+    assert await log.read({"t1": 4}) == {"t1": frames(5, 6, 7)}
+    assert await log.read({"t1": 2}, count=2) == {"t1": frames(3, 4)}
+    assert await log.read({"t1": 7}) == {}  # caught up: absent, like XREAD
+
+
+async def test_read_several_turns_at_once(harness: Harness) -> None:
+    log = harness.log
+    await log.append("a", frames(1, 2, 3))
+    await log.append("b", frames(1, 2))
+    got = await log.read({"a": 1, "b": 0, "never-written": 0})
+    assert got == {"a": frames(2, 3), "b": frames(1, 2)}
+
+
+async def test_blocking_read_wakes_on_append_from_another_task(harness: Harness) -> None:
+    log = harness.log
+    await log.append("quiet", frames(1))
+    reader = asyncio.create_task(log.read({"quiet": 1, "t1": 0}, block=BOUND * 2))
+    await asyncio.sleep(0.05)  # let the reader block; the assertion below proves it did
+    assert not reader.done()
+    started = time.monotonic()
+    await log.append("t1", frames(1, 2))
+    got = await asyncio.wait_for(reader, BOUND)
+    assert got == {"t1": frames(1, 2)}
+    assert time.monotonic() - started < BOUND
+
+
+async def test_blocking_read_returns_ready_frames_at_once(harness: Harness) -> None:
+    await harness.log.append("t1", frames(1))
+    got = await asyncio.wait_for(harness.log.read({"t1": 0}, block=BOUND * 2), BOUND)
+    assert got == {"t1": frames(1)}
+
+
+async def test_block_timeout_returns_empty(harness: Harness) -> None:
+    log = harness.log
+    await log.append("t1", frames(1))
+    started = time.monotonic()
+    assert await log.read({"t1": 1, "absent": 0}, block=0.1) == {}
+    assert await log.read({}, block=0.1) == {}
+    assert 0.15 <= time.monotonic() - started < BOUND
+
+
+async def test_cancelled_blocking_read_leaves_the_log_usable(harness: Harness) -> None:
+    log = harness.log
+    for _ in range(3):
+        reader = asyncio.create_task(log.read({"t1": 0}, block=BOUND * 2))
+        await asyncio.sleep(0.05)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+    await log.append("t1", frames(1))
+    assert await log.read({"t1": 0}, block=1.0) == {"t1": frames(1)}
+    reader = asyncio.create_task(log.read({"t1": 1}, block=BOUND * 2))
+    await asyncio.sleep(0.05)
+    await log.append("t1", frames(2))
+    assert await asyncio.wait_for(reader, BOUND) == {"t1": frames(2)}
+
+
+@pytest.mark.parametrize("stale", [[3], [2], [1, 4], [0], [4, 4], [5, 4]])
+async def test_stale_or_disordered_batch_is_refused_whole(
+    harness: Harness, stale: list[int]
+) -> None:
+    log = harness.log
+    await log.append("t1", frames(1, 2, 3))
+    with pytest.raises(StaleWriter):
+        await log.append("t1", frames(*stale))
+    assert await log.read({"t1": 0}) == {"t1": frames(1, 2, 3)}
+    assert await log.info("t1") == LogInfo(first_seq=1, last_seq=3, terminal=False)
+    await log.append("t1", frames(4))  # the rightful writer continues
+    assert (await log.info("t1")).last_seq == 4
+
+
+async def test_empty_batch_is_a_no_op(harness: Harness) -> None:
+    await harness.log.append("t1", [])
+    with pytest.raises(NotFound):
+        await harness.log.info("t1")
+
+
+async def test_info_absent_present_terminal(harness: Harness) -> None:
+    log = harness.log
+    with pytest.raises(NotFound):
+        await log.info("t1")
+    await log.append("t1", frames(1, 2))
+    assert await log.info("t1") == LogInfo(first_seq=1, last_seq=2, terminal=False)
+    await log.append("t1", frames(5, 6, terminal_at=6))  # a retried attempt may skip ahead
+    assert await log.info("t1") == LogInfo(first_seq=1, last_seq=6, terminal=True)
+
+
+async def test_expire_drops_the_log_after_retention(harness: Harness) -> None:
+    log = harness.log
+    await log.append("t1", frames(1, terminal_at=1))
+    await log.append("t2", frames(1))
+    await log.expire("t1", SHORT_TTL)
+    assert (await log.info("t1")).terminal  # still there until retention passes
+    await harness.elapse(SHORT_TTL + 0.05)
+
+    async def gone() -> bool:
+        try:
+            await log.info("t1")
+        except NotFound:
+            return True
+        return False
+
+    await eventually(gone)
+    assert await log.read({"t1": 0, "t2": 0}) == {"t2": frames(1)}
+
+
+async def test_touch_keeps_a_live_log(harness: Harness) -> None:
+    log = harness.log
+    await log.append("t1", frames(1))
+    await log.touch("t1", SHORT_TTL)
+    await log.touch("t1", 60)  # the heartbeat pushes expiry forward
+    await harness.elapse(SHORT_TTL + 0.1)
+    assert (await log.info("t1")).last_seq == 1
+    await log.touch("absent", 60)  # no log: nothing to keep, and no error
+    await log.expire("absent", 60)
+    with pytest.raises(NotFound):
+        await log.info("absent")
+
+
+async def test_delete(harness: Harness) -> None:
+    log = harness.log
+    await log.append("t1", frames(1, 2))
+    await log.delete("t1")
+    with pytest.raises(NotFound):
+        await log.info("t1")
+    assert await log.read({"t1": 0}) == {}
+    await log.delete("t1")  # idempotent
+    await log.append("t1", frames(1))  # a deleted log starts afresh
+    assert await log.read({"t1": 0}) == {"t1": frames(1)}
+
+
+async def test_ping(harness: Harness) -> None:
+    await harness.log.ping()
+
+
+# Redis only: the wire layout other tools rely on, and error translation.
+
+
+@pytest.mark.redis
+async def test_redis_stream_layout(redis_url: str, unique: str) -> None:
+    prefix = f"test-{unique}"
+    log = RedisEventLog(redis_url, key_prefix=prefix)
+    await log.startup()
+    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await log.append("t1", frames(1, 2, terminal_at=2))
+        key = f"{prefix}:turn:{{t1}}:log"
+        assert log.key("t1") == key
+        entries = await raw.xrange(key)
+        assert entries == [("0-1", {"d": '{"n":1}'}), ("0-2", {"d": '{"n":2}', "t": "1"})]
+        await log.expire("t1", 30)
+        assert 0 < await raw.pttl(key) <= 30_000
+    finally:
+        await log.shutdown()
+        await raw.aclose()
+        await _delete_prefix(redis_url, prefix)
+
+
+@pytest.mark.redis
+async def test_redis_empty_stream_info(redis_url: str, unique: str) -> None:
+    prefix = f"test-{unique}"
+    log = RedisEventLog(redis_url, key_prefix=prefix)
+    await log.startup()
+    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await log.append("t1", frames(1))
+        await raw.xdel(log.key("t1"), "0-1")
+        assert await log.info("t1") == LogInfo(first_seq=0, last_seq=0, terminal=False)
+        with pytest.raises(StaleWriter):  # the fence remembers the top id
+            await log.append("t1", frames(1))
+    finally:
+        await log.shutdown()
+        await raw.aclose()
+        await _delete_prefix(redis_url, prefix)
+
+
+async def test_redis_unreachable_is_backend_unavailable() -> None:
+    log = RedisEventLog("redis://:s3cret@127.0.0.1:1/0")
+    await log.startup()
+    try:
+        calls: list[Callable[[], Awaitable[object]]] = [
+            log.ping,
+            lambda: log.append("t1", frames(1)),
+            lambda: log.info("t1"),
+            lambda: log.read({"t1": 0}),
+            lambda: log.read({"t1": 0}, block=0.1),
+            lambda: log.touch("t1", 1),
+            lambda: log.delete("t1"),
+        ]
+        for call in calls:
+            with pytest.raises(BackendUnavailable) as caught:
+                await asyncio.wait_for(call(), BOUND)
+            assert "s3cret" not in str(caught.value)
+            assert "127.0.0.1:1" in str(caught.value)
+    finally:
+        await log.shutdown()
