@@ -1,0 +1,1 @@
+"""Alembic migrations of the ChatStore schema (run by ``turnrelay.store.migrate``)."""
