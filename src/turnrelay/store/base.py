@@ -168,12 +168,17 @@ class ChatStore(Protocol):
         """Sessions' earliest queued turns with no dispatched active turn (the sweeper)."""
         ...
 
+    async def dispatched_active(self, limit: int = 500) -> list[TurnRecord]:
+        """Dispatched turns still queued or running (the sweeper's orphan check)."""
+        ...
+
     async def start_turn(self, turn_id: str, attempt: int) -> TurnRecord | None:
         """CAS ``attempt -> attempt+1`` with status ``running``; ``None`` if lost."""
         ...
 
-    async def save_partial(self, turn_id: str, attempt: int, content: str,
-                           parts: Sequence[dict[str, Any]]) -> bool:
+    async def save_partial(
+        self, turn_id: str, attempt: int, content: str, parts: Sequence[dict[str, Any]]
+    ) -> bool:
         """Checkpoint the assistant entry of a running attempt; ``False`` if fenced out."""
         ...
 

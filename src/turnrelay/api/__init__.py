@@ -1,0 +1,1 @@
+"""The HTTP API: routes, SSE encoding, auth, and the stream hub."""

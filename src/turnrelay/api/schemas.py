@@ -1,0 +1,104 @@
+"""Request bodies: turnrelay's own submit body and the AI SDK transport's.
+
+Parsing is strict and every limit is explicit: the body size, the message size,
+the ``message_id`` form. Bad input raises a ``BadRequest``/``PayloadTooLarge``
+with a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from turnrelay.errors import BadRequest, PayloadTooLarge
+from turnrelay.store.base import Multitask
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a DefaultChatTransport body carries the whole history
+MESSAGE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+SESSION_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitBody:
+    message: str
+    message_id: str | None
+    model: str | None
+    multitask: Multitask
+
+
+def parse_json(raw: bytes) -> Any:
+    if len(raw) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
+    if not raw.strip():
+        raise BadRequest("request body is empty; send JSON", code="invalid_json")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+
+
+def parse_submit(raw: bytes, *, max_message_bytes: int) -> SubmitBody:
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_body")
+    if "messages" in body and "message" not in body:
+        message, message_id = _from_transport(body)
+    else:
+        message = body.get("message")
+        message_id = body.get("message_id")
+        if not isinstance(message, str):
+            raise BadRequest("`message` must be a string", code="invalid_body")
+    if message_id is not None and (
+        not isinstance(message_id, str) or not MESSAGE_ID.match(message_id)
+    ):
+        raise BadRequest(
+            "`message_id` must be 1-128 characters of letters, digits, '_', '-', '.', ':'",
+            code="invalid_message_id",
+        )
+    if not message.strip():
+        raise BadRequest("the message is empty", code="empty_message")
+    if len(message.encode()) > max_message_bytes:
+        raise PayloadTooLarge(
+            f"the message is over {max_message_bytes} bytes", code="message_too_large"
+        )
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("`model` must be a string", code="invalid_body")
+    raw_mode = body.get("multitask", Multitask.ENQUEUE.value)
+    try:
+        multitask = Multitask(raw_mode)
+    except ValueError as exc:
+        raise BadRequest(
+            "`multitask` must be one of enqueue, reject, interrupt", code="invalid_body"
+        ) from exc
+    return SubmitBody(message, message_id, model, multitask)
+
+
+def _from_transport(body: dict[str, Any]) -> tuple[str, str | None]:
+    """The AI SDK ``DefaultChatTransport`` body: ``{id, messages, trigger, messageId}``."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("`messages` must be a non-empty list", code="invalid_body")
+    last_user = next(
+        (m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), None
+    )
+    if last_user is None:
+        raise BadRequest("`messages` holds no user message", code="invalid_body")
+    parts = last_user.get("parts")
+    if isinstance(parts, list):
+        text = "".join(
+            p.get("text", "") for p in parts
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        )
+    elif isinstance(last_user.get("content"), str):
+        text = last_user["content"]
+    else:
+        raise BadRequest("the last user message has no text parts", code="invalid_body")
+    message_id = body.get("messageId") or last_user.get("id")
+    return text, message_id if isinstance(message_id, str) else None
+
+
+def check_session_id(session_id: str) -> bool:
+    return bool(SESSION_ID.match(session_id))

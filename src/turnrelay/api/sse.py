@@ -1,0 +1,60 @@
+"""SSE in the AI SDK UI Message Stream protocol (v1).
+
+Every frame is ``id: <turn_id>:<seq>`` + ``data: <chunk json>``; the stream ends
+with ``data: [DONE]``; heartbeats are SSE comments. The response is a plain
+Starlette ``StreamingResponse``, which cancels the generator when the client
+disconnects: the turn itself runs elsewhere and is not affected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.responses import StreamingResponse
+
+from turnrelay.api.hub import StreamHub
+from turnrelay.events.base import Frame
+from turnrelay.metrics import Metrics
+
+HEADERS = {
+    "x-vercel-ai-ui-message-stream": "v1",
+    "cache-control": "no-cache, no-transform",
+    "x-accel-buffering": "no",
+    "connection": "keep-alive",
+}
+PING = b": ping\n\n"
+DONE = b"data: [DONE]\n\n"
+
+
+def encode_frame(turn_id: str, frame: Frame) -> bytes:
+    return f"id: {turn_id}:{frame.seq}\ndata: {frame.data}\n\n".encode()
+
+
+def sse_response(body: AsyncIterator[bytes], extra_headers: dict[str, str] | None = None
+                 ) -> StreamingResponse:
+    return StreamingResponse(
+        body, media_type="text/event-stream", headers={**HEADERS, **(extra_headers or {})}
+    )
+
+
+async def turn_frames(
+    hub: StreamHub, turn_id: str, after: int, *, heartbeat: float, metrics: Metrics,
+    preamble: bytes = b"",
+) -> AsyncIterator[bytes]:
+    """The SSE bytes of one turn from ``after``: frames, pings while idle, [DONE]."""
+    metrics.open_streams.inc()
+    try:
+        if preamble:
+            yield preamble
+        async with hub.subscribe(turn_id, after) as sub:
+            while True:
+                frame = await sub.next(heartbeat)
+                if frame is None:
+                    yield PING
+                    continue
+                yield encode_frame(turn_id, frame)
+                if frame.terminal:
+                    break
+        yield DONE
+    finally:
+        metrics.open_streams.dec()

@@ -1,0 +1,210 @@
+"""``turnrelay`` command line: serve, api, executor, migrate, fake-llm.
+
+Settings are loaded here, once, and passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+from turnrelay.errors import ConfigError, SchemaOutOfDate, TurnrelayError
+from turnrelay.settings import Settings
+
+log = logging.getLogger("turnrelay")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback
+                       for info in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def _check_serving(settings: Settings, host: str) -> None:
+    if not settings.user_tokens() and not _is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {host}: without TURNRELAY_API_KEYS every caller is the "
+            "same local user. Set TURNRELAY_API_KEYS=token=user_id,… or use --host 127.0.0.1."
+        )
+    if not settings.model:
+        raise ConfigError(
+            "no model configured. Set TURNRELAY_MODEL=openai:<model> with OPENAI_API_KEY "
+            "(and OPENAI_BASE_URL for OpenRouter, vLLM, Ollama or llama.cpp), or try "
+            "`turnrelay fake-llm` with TURNRELAY_MODEL=openai:fake "
+            "OPENAI_BASE_URL=http://127.0.0.1:8099/v1."
+        )
+
+
+
+
+async def _serve(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from turnrelay.api.app import create_app
+    from turnrelay.executor.worker import Executor
+    from turnrelay.services import build_services
+    from turnrelay.store.migrate import migrate
+
+    await migrate(settings.database_url)
+    services = build_services(settings, "serve")
+    await services.startup()
+    executor = Executor(
+        settings=settings, store=services.store, events=services.events, lease=services.lease,
+        queue=services.queue, runtimes=services.runtimes, metrics=services.metrics,
+        grace=settings.grace(30.0),
+    )
+    app = create_app(settings=settings, store=services.store, events=services.events,
+                     queue=services.queue, metrics=services.metrics, readiness=services.ready)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
+        access_log=False,
+    ))
+    exec_task = asyncio.create_task(executor.run(), name="executor")
+    try:
+        await server.serve()
+    finally:
+        executor.stop()
+        await exec_task
+        await services.shutdown()
+
+
+async def _api(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from turnrelay.api.app import create_app
+    from turnrelay.services import build_services, check_distributed
+    from turnrelay.store.migrate import check_schema
+
+    check_distributed(settings, "api")
+    await check_schema(settings.database_url)
+    services = build_services(settings, "api")
+    await services.startup()
+    app = create_app(settings=settings, store=services.store, events=services.events,
+                     queue=services.queue, metrics=services.metrics, readiness=services.ready)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
+        access_log=False,
+    ))
+    try:
+        await server.serve()
+    finally:
+        await services.shutdown()
+
+
+async def _executor(settings: Settings) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from turnrelay.executor.worker import Executor
+    from turnrelay.services import build_services, check_distributed
+    from turnrelay.store.migrate import check_schema
+
+    check_distributed(settings, "executor")
+    if not settings.model:
+        raise ConfigError("no model configured: set TURNRELAY_MODEL (and TURNRELAY_MODELS)")
+    await check_schema(settings.database_url)
+    services = build_services(settings, "executor")
+    await services.startup()
+    executor = Executor(
+        settings=settings, store=services.store, events=services.events, lease=services.lease,
+        queue=services.queue, runtimes=services.runtimes, metrics=services.metrics,
+        grace=settings.grace(25 * 60.0),
+    )
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "executor": executor.id,
+                             "active_turns": len(executor.running)})
+
+    async def metrics(request: Request) -> Response:
+        return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    ops = uvicorn.Server(uvicorn.Config(
+        Starlette(routes=[Route("/health", health), Route("/metrics", metrics)]),
+        host="0.0.0.0", port=settings.executor_port, log_level="warning",
+    ))
+    ops.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, executor.stop)
+    ops_task = asyncio.create_task(ops.serve())
+    try:
+        await executor.run()
+    finally:
+        ops.should_exit = True
+        with contextlib.suppress(Exception):
+            await ops_task
+        await services.shutdown()
+
+
+async def _migrate(settings: Settings) -> None:
+    from turnrelay.store.migrate import migrate
+
+    await migrate(settings.database_url)
+    print("database schema is up to date")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="turnrelay", description="AI copilot chat backend")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="API and executor in one process (embedded)")
+    p_api = sub.add_parser("api", help="the HTTP API (distributed mode)")
+    for p in (p_serve, p_api):
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8000)
+    sub.add_parser("executor", help="run turns from the broker (distributed mode)")
+    sub.add_parser("migrate", help="bring the database schema up to date")
+    p_fake = sub.add_parser("fake-llm", help="a local OpenAI-compatible fake model server")
+    p_fake.add_argument("--host", default="127.0.0.1")
+    p_fake.add_argument("--port", type=int, default=8099)
+    p_fake.add_argument("--record", metavar="FILE", help="append each request body to FILE")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "fake-llm":
+        from turnrelay.devtools.fake_llm import serve
+
+        serve(args.host, args.port, args.record)
+        return
+    try:
+        settings = Settings()
+        if args.command == "serve":
+            _check_serving(settings, args.host)
+            asyncio.run(_serve(settings, args.host, args.port))
+        elif args.command == "api":
+            asyncio.run(_api(settings, args.host, args.port))
+        elif args.command == "executor":
+            asyncio.run(_executor(settings))
+        elif args.command == "migrate":
+            asyncio.run(_migrate(settings))
+    except SchemaOutOfDate as exc:
+        print(f"turnrelay: {exc.detail}", file=sys.stderr)
+        sys.exit(2)
+    except (ConfigError, TurnrelayError) as exc:
+        print(f"turnrelay: {exc.detail}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as exc:  # pydantic settings validation
+        print(f"turnrelay: invalid settings: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The executor: takes turns from the queue and runs them."""

@@ -1,0 +1,254 @@
+"""TurnRunner: the lifecycle of one delivered turn message.
+
+    delivered ─▶ terminal already? ──yes──▶ repair its stream, ack, drop
+        │ no
+        ▼
+    session lease ──held elsewhere──▶ requeue with a delay
+        │ acquired
+        ▼
+    attempt n+1 (CAS) ── n reached max_attempts ──▶ failed
+        │
+        ▼
+    run the runtime, heartbeat refreshing lease + stream TTL
+        │
+        ▼
+    terminal CAS ──won──▶ terminal frames ─▶ release lease ─▶ dispatch next ─▶ ack
+
+The ack comes last (``ACK_AFTER_PERSIST``): if this process dies anywhere
+before it, the broker redelivers and the rules above make the redelivery safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+
+from turnrelay.errors import (
+    BackendUnavailable,
+    NotFound,
+    RuntimeFailure,
+    StaleWriter,
+    TurnNotFound,
+    TurnrelayError,
+)
+from turnrelay.events import chunks
+from turnrelay.events.base import EventLog
+from turnrelay.executor.assembler import Assembler, persisted_parts
+from turnrelay.executor.frames import FrameWriter
+from turnrelay.executor.registry import Run, RunningTurns, StopReason
+from turnrelay.lifecycle import close_stream, session_lease_key, terminal_chunks
+from turnrelay.lease.base import Lease
+from turnrelay.metrics import Metrics
+from turnrelay.queue.base import Delivery, TurnMessage, TurnQueue
+from turnrelay.runtime.base import AgentRuntime, TurnContext
+from turnrelay.settings import ModelRef, Settings
+from turnrelay.store.base import ChatStore, TurnOutcome, TurnRecord, TurnStatus
+
+log = logging.getLogger(__name__)
+
+
+class TurnRunner:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: ChatStore,
+        events: EventLog,
+        lease: Lease,
+        queue: TurnQueue,
+        runtimes: Mapping[str, AgentRuntime],
+        owner: str,
+        running: RunningTurns,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.events = events
+        self.lease = lease
+        self.queue = queue
+        self.runtimes = runtimes
+        self.owner = owner
+        self.running = running
+        self.metrics = metrics
+
+    async def handle(self, delivery: Delivery) -> None:
+        message = delivery.message
+        try:
+            await self._handle(message, delivery)
+        except BackendUnavailable as exc:
+            # A backend is down: give the message back rather than lose it; the
+            # redelivery rules make a second look safe.
+            log.warning("turn %s: %s; requeueing", message.turn_id, exc.detail)
+            with contextlib.suppress(TurnrelayError):
+                await delivery.requeue(self.settings.requeue_delay)
+
+    async def _handle(self, message: TurnMessage, delivery: Delivery) -> None:
+        try:
+            turn = await self.store.get_turn(message.turn_id)
+        except TurnNotFound:
+            await delivery.ack()  # its session was deleted
+            return
+        if not turn.status.active:
+            await close_stream(self.events, turn, self.settings.stream_retention)
+            await self._dispatch_next(turn.session_id)
+            await delivery.ack()
+            return
+        key = session_lease_key(turn.session_id)
+        if not await self.lease.acquire(key, self.owner, self.settings.lease_ttl):
+            await delivery.requeue(self.settings.requeue_delay)
+            return
+        try:
+            shutting_down = await self._run_leased(turn.id, key)
+        finally:
+            with contextlib.suppress(TurnrelayError):
+                await self.lease.release(key, self.owner)
+        if shutting_down:
+            return  # not acked: the broker hands it to another executor
+        await self._dispatch_next(turn.session_id)
+        await delivery.ack()
+
+    async def _dispatch_next(self, session_id: str) -> None:
+        head = await self.store.dispatch_next(session_id)
+        if head is not None:
+            await self.queue.publish(TurnMessage(head.id, head.session_id))
+
+    async def _run_leased(self, turn_id: str, key: str) -> bool:
+        turn = await self.store.get_turn(turn_id)  # fresh, now that we hold the lease
+        if not turn.status.active:
+            await close_stream(self.events, turn, self.settings.stream_retention)
+            return False
+        if turn.status is TurnStatus.RUNNING and turn.attempt >= self.settings.max_attempts:
+            outcome = TurnOutcome(
+                TurnStatus.FAILED,
+                error=f"the turn was interrupted {turn.attempt} times; giving up",
+            )
+            if await self.store.finish_turn(turn.id, turn.attempt, outcome):
+                done = await self.store.get_turn(turn.id)
+                await close_stream(self.events, done, self.settings.stream_retention)
+                self.metrics.turn_finished(done.status.value, None)
+            return False
+        started = await self.store.start_turn(turn.id, turn.attempt)
+        if started is None:
+            return False  # someone else moved it on; the redelivery rules apply next time
+        return await self._attempt(started, key)
+
+    async def _attempt(self, turn: TurnRecord, key: str) -> bool:
+        """Run one attempt; returns True when it was abandoned for shutdown."""
+        try:
+            last = (await self.events.info(turn.id)).last_seq
+        except NotFound:
+            last = 0
+        writer = FrameWriter(
+            self.events, turn.id, last + 1, on_written=self.metrics.frames_written
+        )
+        if last == 0:
+            writer.add(chunks.start(turn.assistant_message_id))
+        else:
+            writer.add(chunks.data("turn-retry", {"attempt": turn.attempt}, transient=True))
+        # Streams are created without a TTL: give this one its lifetime now, and
+        # the heartbeat extends it while the turn runs.
+        await writer.flush()
+        await self.events.touch(turn.id, self.settings.stream_retention)
+        assembler = Assembler()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        task = asyncio.create_task(self._drive(turn, assembler, writer), name=f"turn:{turn.id}")
+        run = self.running.add(turn.id, task)
+        if turn.cancel_requested:
+            run.stop(StopReason.CANCEL)
+        beat = asyncio.create_task(self._heartbeat(turn, run, key))
+        self.metrics.active_turns.inc()
+        status, error = TurnStatus.COMPLETED, None
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this worker itself is being cancelled
+            if run.reason is not StopReason.CANCEL:
+                await writer.close()
+                return run.reason is StopReason.SHUTDOWN
+            status = TurnStatus.CANCELLED
+        except StaleWriter:
+            await writer.close()
+            return False
+        except TimeoutError:
+            status = TurnStatus.FAILED
+            error = f"the turn timed out after {self.settings.turn_timeout:g} s"
+        except RuntimeFailure as exc:
+            status, error = TurnStatus.FAILED, exc.detail
+        except Exception as exc:
+            log.exception("turn %s failed", turn.id)
+            status, error = TurnStatus.FAILED, f"internal error ({type(exc).__name__})"
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+            self.running.remove(turn.id)
+            self.metrics.active_turns.dec()
+
+        try:
+            writer.add(*assembler.close())
+            await writer.flush()
+            outcome = TurnOutcome(
+                status,
+                content=assembler.content,
+                parts=persisted_parts(assembler.parts),
+                error=error,
+                usage=assembler.usage,
+            )
+            if await self.store.finish_turn(turn.id, turn.attempt, outcome):
+                await writer.write_now(*terminal_chunks(status, error, assembler.usage))
+                await self.events.expire(turn.id, self.settings.stream_retention)
+                self.metrics.turn_finished(status.value, loop.time() - began)
+        except StaleWriter:
+            return False
+        finally:
+            await writer.close()
+        return False
+
+    async def _drive(self, turn: TurnRecord, assembler: Assembler, writer: FrameWriter) -> None:
+        model = ModelRef.parse(turn.model)
+        runtime = self.runtimes.get(model.provider)
+        if runtime is None:
+            raise RuntimeFailure(f"no runtime for provider {model.provider!r} on this executor")
+        ctx = TurnContext(
+            turn_id=turn.id,
+            session_id=turn.session_id,
+            user_id=turn.user_id,
+            attempt=turn.attempt,
+            model=model,
+            system_prompt=self.settings.system_prompt,
+            user_text=turn.user_text,
+            history=await self.store.history(turn.session_id, turn.seq),
+            history_tokens=self.settings.history_tokens,
+        )
+        async with asyncio.timeout(self.settings.turn_timeout):
+            async for event in runtime.run(ctx):
+                writer.add(*assembler.feed(event))
+        await writer.flush()
+
+    async def _heartbeat(self, turn: TurnRecord, run: Run, key: str) -> None:
+        """Every TTL/3: keep the lease and the stream alive; notice a missed cancel."""
+        interval = self.settings.lease_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.lease.refresh(key, self.owner, self.settings.lease_ttl):
+                    # Redis may have restarted empty: take the lease again if it is
+                    # free; if someone else holds it, they own the turn now.
+                    if not await self.lease.acquire(key, self.owner, self.settings.lease_ttl):
+                        run.stop(StopReason.LEASE_LOST)
+                        return
+                await self.events.touch(turn.id, self.settings.stream_retention)
+                current = await self.store.get_turn(turn.id)
+            except TurnrelayError as exc:
+                log.warning("turn %s heartbeat: %s", turn.id, exc.detail)
+                continue
+            if current.attempt != turn.attempt or not current.status.active:
+                run.stop(StopReason.LEASE_LOST)
+                return
+            if current.cancel_requested:
+                run.stop(StopReason.CANCEL)

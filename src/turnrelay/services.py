@@ -1,0 +1,141 @@
+"""The composition root: settings -> services. The only module that imports
+concrete backends; everything else sees the ports.
+
+    build_services(settings, role)   connects nothing; ``startup()`` does
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+from turnrelay.errors import ConfigError, TurnrelayError
+from turnrelay.events.base import EventLog
+from turnrelay.lease.base import Lease
+from turnrelay.metrics import Metrics
+from turnrelay.queue.base import TurnQueue
+from turnrelay.runtime.base import AgentRuntime
+from turnrelay.settings import ModelRef, Settings
+from turnrelay.store.base import ChatStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: ChatStore
+    queue: TurnQueue
+    events: EventLog
+    lease: Lease
+    metrics: Metrics
+    runtimes: dict[str, AgentRuntime] = field(default_factory=dict)
+
+    async def startup(self) -> None:
+        await self.store.startup()
+        await self.events.startup()
+        await self.lease.startup()
+        await self.queue.startup()
+        for runtime in self.runtimes.values():
+            await runtime.startup()
+
+    async def shutdown(self) -> None:
+        for closer in (
+            *(r.shutdown for r in self.runtimes.values()),
+            self.queue.shutdown,
+            self.lease.shutdown,
+            self.events.shutdown,
+            self.store.shutdown,
+        ):
+            with contextlib.suppress(TurnrelayError):
+                await closer()
+
+    async def ready(self) -> None:
+        """Raises ``BackendUnavailable`` naming the first backend that does not answer."""
+        await self.store.ping()
+        await self.events.ping()
+        await self.queue.ping()
+
+
+def check_distributed(settings: Settings, role: str) -> None:
+    """``api`` and ``executor`` are separate processes: in-process backends cannot
+    be shared between them, so refuse them with the reason."""
+    problems = []
+    if settings.broker_url.startswith("memory:"):
+        problems.append("TURNRELAY_BROKER_URL is memory:// (use amqp://…)")
+    if settings.redis_url.startswith("memory:"):
+        problems.append("TURNRELAY_REDIS_URL is memory:// (use redis://…)")
+    if settings.database_url.startswith("sqlite"):
+        problems.append("TURNRELAY_DATABASE_URL is SQLite (use postgresql+asyncpg://…)")
+    if role == "executor" and settings.storage_url.startswith(("memory:", "file:")):
+        pass  # local storage is allowed when every executor mounts the same path
+    if problems:
+        raise ConfigError(
+            f"`turnrelay {role}` runs as one of several processes, which cannot share "
+            "in-process or file-local backends: " + "; ".join(problems)
+            + ". Use `turnrelay serve` for a single process."
+        )
+
+
+def build_runtimes(settings: Settings) -> dict[str, AgentRuntime]:
+    providers = {ModelRef.parse(m).provider for m in settings.allowed_models()}
+    runtimes: dict[str, AgentRuntime] = {}
+    for provider in providers:
+        if provider == "openai":
+            from turnrelay.runtime.openai import OpenAIRuntime
+
+            runtimes["openai"] = OpenAIRuntime(
+                base_url=os.environ.get("OPENAI_BASE_URL"),
+                api_key=os.environ.get("OPENAI_API_KEY"),
+            )
+        else:
+            raise ConfigError(
+                f"unknown model provider {provider!r}: this build supports `openai:` "
+                "(any OpenAI-compatible endpoint via OPENAI_BASE_URL)"
+            )
+    return runtimes
+
+
+def build_services(settings: Settings, role: str, *, shared: Services | None = None) -> Services:
+    """Concrete backends from URLs. ``shared`` lets a second component of one
+    process (serve's API beside its executor) reuse in-process backends."""
+    if shared is not None:
+        return shared
+    metrics = Metrics(role, settings.num_workers if role in ("executor", "serve") else 0)
+
+    store: ChatStore
+    if settings.database_url.startswith(("sqlite", "postgresql")):
+        from turnrelay.store.sql import SqlChatStore
+
+        store = SqlChatStore(settings.database_url)
+    else:
+        raise ConfigError(f"unsupported TURNRELAY_DATABASE_URL {settings.database_url!r}")
+
+    queue: TurnQueue
+    if settings.broker_url.startswith("memory:"):
+        from turnrelay.queue.memory import MemoryTurnQueue
+
+        queue = MemoryTurnQueue()
+    elif settings.broker_url.startswith(("amqp:", "amqps:")):
+        from turnrelay.queue.rabbitmq import RabbitTurnQueue
+
+        queue = RabbitTurnQueue(settings.broker_url)
+    else:
+        raise ConfigError(f"unsupported TURNRELAY_BROKER_URL {settings.broker_url!r}")
+
+    events: EventLog
+    lease: Lease
+    if settings.redis_url.startswith("memory:"):
+        from turnrelay.events.memory import MemoryEventLog
+        from turnrelay.lease.memory import MemoryLease
+
+        events, lease = MemoryEventLog(), MemoryLease()
+    elif settings.redis_url.startswith(("redis:", "rediss:", "unix:")):
+        from turnrelay.events.redis import RedisEventLog
+        from turnrelay.lease.redis import RedisLease
+
+        events, lease = RedisEventLog(settings.redis_url), RedisLease(settings.redis_url)
+    else:
+        raise ConfigError(f"unsupported TURNRELAY_REDIS_URL {settings.redis_url!r}")
+
+    runtimes = build_runtimes(settings) if role in ("executor", "serve") else {}
+    return Services(settings, store, queue, events, lease, metrics, runtimes)

@@ -1,0 +1,173 @@
+"""The turn lifecycle in one process, on the in-memory twins and SQLite, with a
+scripted runtime: fast checks of the executor and the API working together."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from turnrelay.api.app import create_app
+from turnrelay.errors import ModelError
+from turnrelay.events.memory import MemoryEventLog
+from turnrelay.executor.worker import Executor
+from turnrelay.lease.memory import MemoryLease
+from turnrelay.metrics import Metrics
+from turnrelay.queue.memory import MemoryTurnQueue
+from turnrelay.runtime.base import RuntimeEvent, StepFinish, StepStart, TextDelta, TurnContext
+from turnrelay.settings import Settings
+from turnrelay.store.migrate import migrate
+from turnrelay.store.sql import SqlChatStore
+
+
+class ScriptedRuntime:
+    """Replies ``Echo: <text>`` in words; ``fail`` fails after one word; ``slow`` waits."""
+
+    def __init__(self) -> None:
+        self.contexts: list[TurnContext] = []
+        self.gate = asyncio.Event()
+
+    async def startup(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def run(self, ctx: TurnContext) -> AsyncIterator[RuntimeEvent]:
+        self.contexts.append(ctx)
+        yield StepStart()
+        for i, word in enumerate(f"Echo: {ctx.user_text}".split(" ")):
+            if "slow" in ctx.user_text and i == 1:
+                await self.gate.wait()
+            if "fail" in ctx.user_text and i == 1:
+                raise ModelError("model broke (502)")
+            yield TextDelta(word if i == 0 else " " + word)
+        yield StepFinish()
+
+
+class Harness:
+    def __init__(self, tmp: Path) -> None:
+        self.settings = Settings(
+            _env_file=None,
+            database_url=f"sqlite+aiosqlite:///{tmp}/t.db",
+            model="openai:fake",
+            num_workers=2,
+        )
+        self.runtime = ScriptedRuntime()
+        self.store = SqlChatStore(self.settings.database_url)
+        self.events = MemoryEventLog()
+        self.queue = MemoryTurnQueue()
+        self.metrics = Metrics("serve", 2)
+        self.executor = Executor(
+            settings=self.settings, store=self.store, events=self.events, lease=MemoryLease(),
+            queue=self.queue, runtimes={"openai": self.runtime}, metrics=self.metrics, grace=1,
+        )
+
+        async def ready() -> None:
+            await self.store.ping()
+
+        self.app = create_app(settings=self.settings, store=self.store, events=self.events,
+                              queue=self.queue, metrics=self.metrics, readiness=ready)
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
+                                        base_url="http://t")
+
+
+def frames(body: str) -> list[tuple[str | None, str]]:
+    out = []
+    for block in body.split("\n\n"):
+        ident, data = None, None
+        for line in block.splitlines():
+            if line.startswith("id: "):
+                ident = line[4:]
+            elif line.startswith("data: "):
+                data = line[6:]
+        if data is not None:
+            out.append((ident, data))
+    return out
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> AsyncIterator[Harness]:
+    harness = Harness(tmp_path)
+    await migrate(harness.settings.database_url)
+    await harness.store.startup()
+    await harness.queue.startup()
+    task = asyncio.create_task(harness.executor.run())
+    try:
+        yield harness
+    finally:
+        harness.executor.stop()
+        await task
+        await harness.client.aclose()
+        await harness.store.shutdown()
+
+
+async def test_turn_streams_and_persists(h: Harness) -> None:
+    sid = (await h.client.post("/api/chat/sessions")).json()["id"]
+    r = await h.client.post(f"/api/chat/sessions/{sid}/stream", json={"message": "hello there"})
+    assert r.status_code == 200
+    assert r.headers["x-vercel-ai-ui-message-stream"] == "v1"
+    got = frames(r.text)
+    assert got[-1] == (None, "[DONE]")
+    chunks = [json.loads(d) for _, d in got[:-1]]
+    types = [c["type"] for c in chunks]
+    assert types[0] == "start" and types[-1] == "finish"
+    assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == "Echo: hello there"
+    seqs = [int(i.rsplit(":", 1)[1]) for i, _ in got[:-1]]
+    assert seqs == list(range(1, len(seqs) + 1))
+    session = (await h.client.get(f"/api/chat/sessions/{sid}")).json()
+    roles = [(m["role"], m["content"], m["status"]) for m in session["messages"]]
+    assert roles == [("user", "hello there", "completed"),
+                     ("assistant", "Echo: hello there", "completed")]
+    assert chunks[0]["messageId"] == session["messages"][1]["id"]
+    assert session["active_turn"] is None
+
+
+async def test_model_failure_keeps_partial_answer(h: Harness) -> None:
+    sid = (await h.client.post("/api/chat/sessions")).json()["id"]
+    r = await h.client.post(f"/api/chat/sessions/{sid}/stream", json={"message": "fail now"})
+    chunks = [json.loads(d) for _, d in frames(r.text)[:-1]]
+    assert [c["type"] for c in chunks][-2:] == ["error", "finish"]
+    assert chunks[-2]["errorText"] == "model broke (502)"
+    turn_id = r.headers["x-turn-id"]
+    turn = (await h.client.get(f"/api/chat/sessions/{sid}/turns/{turn_id}")).json()
+    assert turn["status"] == "failed" and turn["error"] == "model broke (502)"
+    session = (await h.client.get(f"/api/chat/sessions/{sid}")).json()
+    assert session["messages"][1]["content"] == "Echo:"
+
+
+async def test_history_holds_only_earlier_turns(h: Harness) -> None:
+    sid = (await h.client.post("/api/chat/sessions")).json()["id"]
+    for text in ("one", "two", "three"):
+        r = await h.client.post(f"/api/chat/sessions/{sid}/turns", json={"message": text})
+        assert r.status_code == 202
+    for _ in range(200):
+        session = (await h.client.get(f"/api/chat/sessions/{sid}")).json()
+        if session["active_turn"] is None:
+            break
+        await asyncio.sleep(0.02)
+    assert [c.user_text for c in h.runtime.contexts] == ["one", "two", "three"]
+    assert [[m.content for m in c.history] for c in h.runtime.contexts] == [
+        [], ["one", "Echo: one"], ["one", "Echo: one", "two", "Echo: two"]]
+
+
+async def test_cancel_running_turn(h: Harness) -> None:
+    sid = (await h.client.post("/api/chat/sessions")).json()["id"]
+    r = await h.client.post(f"/api/chat/sessions/{sid}/turns", json={"message": "slow one"})
+    turn_id = r.json()["turn_id"]
+    for _ in range(200):
+        if h.runtime.contexts:
+            break
+        await asyncio.sleep(0.01)
+    c = await h.client.post(f"/api/chat/sessions/{sid}/cancel")
+    assert c.status_code == 200
+    assert c.json() == {"cancelled": True, "turn_id": turn_id}
+    s = await h.client.get(f"/api/chat/sessions/{sid}/stream", params={"turn_id": turn_id})
+    types = [json.loads(d)["type"] for _, d in frames(s.text)[:-1]]
+    assert types[-2:] == ["abort", "finish"]
+    turn = (await h.client.get(f"/api/chat/sessions/{sid}/turns/{turn_id}")).json()
+    assert turn["status"] == "cancelled"
+    again = await h.client.post(f"/api/chat/sessions/{sid}/cancel")
+    assert again.json() == {"cancelled": False, "turn_id": None, "reason": "no_active_turn"}
