@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -292,6 +294,54 @@ async def test_unroutable_publish_raises_publish_failed(amqp_url: str, unique: s
             await channel.queue_delete(queue.topology.turns_queue.name)
         with pytest.raises(PublishFailed):
             await queue.publish(turn(1))
+    finally:
+        await queue.shutdown()
+        await _delete_rabbit_topology(amqp_url, Topology(name))
+
+
+def _close_connections_named(connection_name: str) -> int:
+    """Force-close the broker side of our connections, as a broker restart would."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    pids = [line.split()[0] for line in listed.splitlines() if connection_name in line]
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "close_connection", pid, "test"], check=True)
+    return len(pids)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+async def test_survives_a_dropped_connection(amqp_url: str, unique: str) -> None:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not on PATH to drop the connection with")
+    name = f"test-{unique}"
+    queue = RabbitTurnQueue(amqp_url, name=name, consumer_id=f"{unique}-drop")
+    await queue.startup()
+    try:
+        await queue.start_consuming(prefetch=2)
+        await queue.publish(turn(1))
+        held = await received(queue)
+        assert await asyncio.to_thread(_close_connections_named, queue.consumer_id) == 1
+
+        # Publishing waits for the reconnect; consuming and cancels resume.
+        await queue.publish(turn(2))
+        arrived = {}
+        for _ in range(2):
+            delivery = await received(queue, within=15)
+            arrived[delivery.message.turn_id] = delivery.redelivered
+            await delivery.ack()
+        assert arrived == {"turn-1": True, "turn-2": False}
+        with pytest.raises(BackendUnavailable):
+            await held.ack()  # its channel died with the connection
+        await queue.publish_cancel("turn-3")
+        cancels: Any = queue.cancels()
+        async with contextlib.aclosing(cancels):
+            async with asyncio.timeout(5):
+                assert await anext(cancels) == "turn-3"
     finally:
         await queue.shutdown()
         await _delete_rabbit_topology(amqp_url, Topology(name))

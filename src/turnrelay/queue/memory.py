@@ -11,7 +11,9 @@ distributed mode behave alike:
   message dead-lettered back from RabbitMQ's delay queue arrives);
 * ``stop_consuming`` returns the deliveries it took but nobody received, so
   another consumer can take them during a long graceful shutdown;
-* cancels reach every subscriber of the broker.
+* cancels reach every subscriber of the broker; a queue subscribes when it
+  starts consuming (or first iterates ``cancels()``), and ``cancels()`` ends at
+  ``shutdown``.
 
 A ``MemoryBroker`` holds the queue; each ``MemoryTurnQueue`` is one consumer
 (one "channel") on it, so several executors in one process can share a broker.

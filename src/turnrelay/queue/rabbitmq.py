@@ -10,11 +10,17 @@ others down:
 
 * publishing: publisher confirms, ``mandatory`` turns. ``publish`` returns only
   once the broker confirmed the message; a nack, a return (no queue bound) or no
-  confirm within ``publish_timeout`` raise ``PublishFailed``. While the
-  connection is being restored a publish waits for it, up to the same timeout.
+  confirm within ``publish_timeout`` raise ``PublishFailed``. When the link
+  drops under a publish, it waits for the robust connection and publishes
+  again, up to the same timeout (so a copy may arrive twice: at-least-once).
 * consuming turns: QoS ``prefetch_count=prefetch``; deliveries go into an
   internal buffer that ``receive`` reads.
-* cancels: a ``no_ack`` consumer on this consumer's cancel queue.
+* cancels: a ``no_ack`` consumer on this consumer's cancel queue. It is bound
+  when the consumer starts consuming turns (or first iterates ``cancels()``), so
+  an API process that only publishes holds no cancel queue, and an executor
+  misses no cancel from the moment ``start_consuming`` returns. It stays bound
+  through ``stop_consuming`` (turns still running can be cancelled) and
+  ``cancels()`` ends at ``shutdown``.
 
 Ack timing is the executor's policy. One broker setting bounds it: RabbitMQ
 closes the channel of a consumer that holds a delivery unacked longer than its
@@ -64,6 +70,17 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 # How long a publish may wait for a (re)connection and the broker's confirm.
 PUBLISH_TIMEOUT = 10.0
+
+# The link dropped (not the broker refusing): worth publishing again once the
+# robust connection restores it, within ``publish_timeout``.
+_LINK_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelClosed,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
+# Pause between publish attempts while the connection is being restored.
+RETRY_PAUSE = 0.2
 
 # What a failure talking to the broker looks like, once aio-pika has its say.
 _BROKER_ERRORS: tuple[type[BaseException], ...] = (
@@ -130,6 +147,12 @@ class RabbitDelivery:
     async def requeue(self, delay: float) -> None:
         if self._settled:
             raise RuntimeError(f"delivery of turn {self._message.turn_id} is already settled")
+        if self.stale:
+            # The broker already gave it back; a delayed copy would be a duplicate.
+            raise BackendUnavailable(
+                f"cannot requeue turn {self._message.turn_id}: its channel is gone"
+                " (the broker will deliver it again)"
+            )
         await self._queue._publish_delayed(self._message, delay)
         await self.ack()
 
@@ -295,18 +318,29 @@ class RabbitTurnQueue:
         channel = self._publish_channel
         if channel is None:
             raise PublishFailed(f"{what}: the queue shut down")
+        last_error: BaseException | None = None
         try:
             async with asyncio.timeout(self._publish_timeout):
-                await channel.ready()
-                target = self._exchanges.get(exchange) or channel.default_exchange
-                await target.publish(message, routing_key, mandatory=mandatory)
+                while True:
+                    await channel.ready()
+                    target = self._exchanges.get(exchange) or channel.default_exchange
+                    try:
+                        await target.publish(message, routing_key, mandatory=mandatory)
+                        return
+                    except _LINK_ERRORS as exc:
+                        # The connection or channel dropped under us: wait for the
+                        # robust connection to restore it and publish again. The
+                        # first copy may have arrived: turns are at-least-once.
+                        last_error = exc
+                        await asyncio.sleep(RETRY_PAUSE)
         except aio_pika.exceptions.PublishError as exc:
             raise PublishFailed(f"{what} was returned: no queue is bound to take it") from exc
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishFailed(f"{what} was rejected by the broker") from exc
         except TimeoutError as exc:
+            reason = f" (last error: {last_error!r})" if last_error else ""
             raise PublishFailed(
-                f"{what} was not confirmed within {self._publish_timeout:g}s"
+                f"{what} was not confirmed within {self._publish_timeout:g}s{reason}"
             ) from exc
         except _BROKER_ERRORS as exc:
             raise PublishFailed(f"{what} could not be published: {exc!r}") from exc
