@@ -616,6 +616,16 @@ class SqlChatStore:
         async with self._read() as conn:
             return [_turn(r._mapping) for r in (await conn.execute(query)).all()]
 
+    async def dispatched_active(self, limit: int = 500) -> list[TurnRecord]:
+        query = (
+            _turn_query()
+            .where(turns.c.dispatched == sa.true(), turns.c.status.in_(_ACTIVE))
+            .order_by(turns.c.created_at, turns.c.id)
+            .limit(limit)
+        )
+        async with self._read() as conn:
+            return [_turn(r._mapping) for r in (await conn.execute(query)).all()]
+
     async def start_turn(self, turn_id: str, attempt: int) -> TurnRecord | None:
         async with self._write() as conn:
             result = await conn.execute(
