@@ -5,55 +5,20 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.procs import FakeLLMProc, Proc, free_port, read_sse, start, start_fake_llm
+from tests.e2e.conftest import new_session
+from tests.procs import FakeLLMProc, read_sse
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeLLMProc]:
-    fake = start_fake_llm(tmp_path_factory.mktemp("llm"))
-    yield fake
-    fake.proc.stop()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, llm: FakeLLMProc) -> Iterator[Proc]:
-    tmp = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    proc = start(
-        "serve", ["serve", "--port", str(port)], tmp=tmp,
-        env={"TURNRELAY_MODEL": "openai:fake", "TURNRELAY_MODELS": "openai:fake,openai:other",
-             "OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "unused",
-             "TURNRELAY_HEARTBEAT_INTERVAL": "0.5"},
-        health_url=f"http://127.0.0.1:{port}/health",
-    )
-    proc.url = f"http://127.0.0.1:{port}"
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-def client(server: Proc) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        yield c
-
-
-def new_session(client: httpx.Client) -> str:
-    r = client.post("/api/chat/sessions")
-    assert r.status_code == 201
-    return str(r.json()["id"])
-
-
 def requests_for(llm: FakeLLMProc, marker: str) -> list[dict]:
-    return [r for r in llm.requests()
-            if marker in json.dumps((r.get("body") or {}).get("messages", []))]
+    return [
+        r for r in llm.requests() if marker in json.dumps((r.get("body") or {}).get("messages", []))
+    ]
 
 
 def user_texts(request: dict) -> list[tuple[str, str]]:
@@ -65,13 +30,12 @@ def test_two_turn_conversation(client: httpx.Client, llm: FakeLLMProc) -> None:
     sid = new_session(client)
     replies = []
     for text in ("first question c2t", "second question c2t"):
-        with client.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                           json={"message": text}) as r:
+        with client.stream("POST", f"/api/chat/sessions/{sid}/stream", json={"message": text}) as r:
             assert r.status_code == 200
             assert r.headers["x-vercel-ai-ui-message-stream"] == "v1"
             sse = read_sse(r)
         assert sse.done
-        assert [c["type"] for c in sse.chunks][0] == "start"
+        assert sse.chunks[0]["type"] == "start"
         assert sse.chunks[-1]["type"] == "finish"
         replies.append(sse.text())
     assert replies == ["Echo: first question c2t", "Echo: second question c2t"]
@@ -95,18 +59,17 @@ def test_two_turn_conversation(client: httpx.Client, llm: FakeLLMProc) -> None:
 def test_disconnect_and_resume_with_last_event_id(client: httpx.Client) -> None:
     sid = new_session(client)
     message = "resume me fake:tokens=40 fake:delay_ms=20"
-    with client.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                       json={"message": message}) as r:
+    with client.stream("POST", f"/api/chat/sessions/{sid}/stream", json={"message": message}) as r:
         first = read_sse(r, stop_after=8)  # then the client goes away mid-turn
     turn_id = first.ids[0].split(":")[0]
     time.sleep(0.2)  # the turn keeps running without a reader
-    with client.stream("GET", f"/api/chat/sessions/{sid}/stream",
-                       headers={"Last-Event-ID": first.ids[-1]}) as r:
+    with client.stream(
+        "GET", f"/api/chat/sessions/{sid}/stream", headers={"Last-Event-ID": first.ids[-1]}
+    ) as r:
         assert r.status_code == 200
         rest = read_sse(r)
     assert rest.done
-    with client.stream("GET", f"/api/chat/sessions/{sid}/stream",
-                       params={"turn_id": turn_id}) as r:
+    with client.stream("GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": turn_id}) as r:
         whole = read_sse(r)
     assert whole.done
     assert first.events + rest.events == whole.events  # no gap, no repeat
@@ -119,8 +82,9 @@ def test_disconnect_and_resume_with_last_event_id(client: httpx.Client) -> None:
 
 def test_reconnect_without_cursor_gets_running_turn_from_start(client: httpx.Client) -> None:
     sid = new_session(client)
-    r = client.post(f"/api/chat/sessions/{sid}/turns",
-                    json={"message": "fake:tokens=20 fake:delay_ms=25"})
+    r = client.post(
+        f"/api/chat/sessions/{sid}/turns", json={"message": "fake:tokens=20 fake:delay_ms=25"}
+    )
     assert r.status_code == 202
     turn_id = r.json()["turn_id"]
     with client.stream("GET", f"/api/chat/sessions/{sid}/stream") as s:
@@ -170,8 +134,11 @@ def test_three_enqueued_turns_run_in_order(client: httpx.Client, llm: FakeLLMPro
 
 def test_model_failure_mid_turn(client: httpx.Client) -> None:
     sid = new_session(client)
-    with client.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                       json={"message": "break fake:tokens=10 fake:fail_after=3"}) as r:
+    with client.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "break fake:tokens=10 fake:fail_after=3"},
+    ) as r:
         sse = read_sse(r)
     types = [c["type"] for c in sse.chunks]
     assert types[-2:] == ["error", "finish"]
