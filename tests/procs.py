@@ -49,14 +49,24 @@ class Proc:
             self.popen.wait(5)
 
 
-def start(name: str, args: list[str], *, env: dict[str, str], tmp: Path,
-          health_url: str | None = None, timeout: float = 30.0) -> Proc:
+def start(
+    name: str,
+    args: list[str],
+    *,
+    env: dict[str, str],
+    tmp: Path,
+    health_url: str | None = None,
+    timeout: float = 30.0,
+) -> Proc:
     log_path = tmp / f"{name}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TURNRELAY_")}
     full_env.update(env)
     popen = subprocess.Popen(
         [sys.executable, "-m", "turnrelay.cli", *args],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=full_env, cwd=tmp,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        cwd=tmp,
     )
     proc = Proc(name, popen, log_path)
     if health_url:
@@ -101,8 +111,13 @@ class FakeLLMProc:
 def start_fake_llm(tmp: Path) -> FakeLLMProc:
     port = free_port()
     record = tmp / "llm-requests.jsonl"
-    proc = start("fake-llm", ["fake-llm", "--port", str(port), "--record", str(record)],
-                 env={}, tmp=tmp, health_url=f"http://127.0.0.1:{port}/v1/models")
+    proc = start(
+        "fake-llm",
+        ["fake-llm", "--port", str(port), "--record", str(record)],
+        env={},
+        tmp=tmp,
+        health_url=f"http://127.0.0.1:{port}/v1/models",
+    )
     return FakeLLMProc(proc, port, record)
 
 

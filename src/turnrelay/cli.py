@@ -13,7 +13,6 @@ import logging
 import signal
 import socket
 import sys
-from typing import Any
 
 from turnrelay.errors import ConfigError, SchemaOutOfDate, TurnrelayError
 from turnrelay.settings import Settings
@@ -28,8 +27,10 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         try:
-            return all(ipaddress.ip_address(info[4][0]).is_loopback
-                       for info in socket.getaddrinfo(host, None))
+            return all(
+                ipaddress.ip_address(info[4][0]).is_loopback
+                for info in socket.getaddrinfo(host, None)
+            )
         except OSError:
             return False
 
@@ -49,8 +50,6 @@ def _check_serving(settings: Settings, host: str) -> None:
         )
 
 
-
-
 async def _serve(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
@@ -63,16 +62,33 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
     services = build_services(settings, "serve")
     await services.startup()
     executor = Executor(
-        settings=settings, store=services.store, events=services.events, lease=services.lease,
-        queue=services.queue, runtimes=services.runtimes, metrics=services.metrics,
+        settings=settings,
+        store=services.store,
+        events=services.events,
+        lease=services.lease,
+        queue=services.queue,
+        runtimes=services.runtimes,
+        metrics=services.metrics,
         grace=settings.grace(30.0),
     )
-    app = create_app(settings=settings, store=services.store, events=services.events,
-                     queue=services.queue, metrics=services.metrics, readiness=services.ready)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
-        access_log=False,
-    ))
+    app = create_app(
+        settings=settings,
+        store=services.store,
+        events=services.events,
+        queue=services.queue,
+        metrics=services.metrics,
+        readiness=services.ready,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="info",
+            timeout_graceful_shutdown=5,
+            access_log=False,
+        )
+    )
     exec_task = asyncio.create_task(executor.run(), name="executor")
     try:
         await server.serve()
@@ -93,12 +109,24 @@ async def _api(settings: Settings, host: str, port: int) -> None:
     await check_schema(settings.database_url)
     services = build_services(settings, "api")
     await services.startup()
-    app = create_app(settings=settings, store=services.store, events=services.events,
-                     queue=services.queue, metrics=services.metrics, readiness=services.ready)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
-        access_log=False,
-    ))
+    app = create_app(
+        settings=settings,
+        store=services.store,
+        events=services.events,
+        queue=services.queue,
+        metrics=services.metrics,
+        readiness=services.ready,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="info",
+            timeout_graceful_shutdown=5,
+            access_log=False,
+        )
+    )
     try:
         await server.serve()
     finally:
@@ -123,23 +151,32 @@ async def _executor(settings: Settings) -> None:
     services = build_services(settings, "executor")
     await services.startup()
     executor = Executor(
-        settings=settings, store=services.store, events=services.events, lease=services.lease,
-        queue=services.queue, runtimes=services.runtimes, metrics=services.metrics,
+        settings=settings,
+        store=services.store,
+        events=services.events,
+        lease=services.lease,
+        queue=services.queue,
+        runtimes=services.runtimes,
+        metrics=services.metrics,
         grace=settings.grace(25 * 60.0),
     )
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "executor": executor.id,
-                             "active_turns": len(executor.running)})
+        return JSONResponse(
+            {"status": "ok", "executor": executor.id, "active_turns": len(executor.running)}
+        )
 
     async def metrics(request: Request) -> Response:
         return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    ops = uvicorn.Server(uvicorn.Config(
-        Starlette(routes=[Route("/health", health), Route("/metrics", metrics)]),
-        host="0.0.0.0", port=settings.executor_port, log_level="warning",
-    ))
-    ops.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    ops = uvicorn.Server(
+        uvicorn.Config(
+            Starlette(routes=[Route("/health", health), Route("/metrics", metrics)]),
+            host="0.0.0.0",
+            port=settings.executor_port,
+            log_level="warning",
+        )
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, executor.stop)
@@ -176,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     p_fake.add_argument("--record", metavar="FILE", help="append each request body to FILE")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "fake-llm":
         from turnrelay.devtools.fake_llm import serve
 

@@ -21,8 +21,9 @@ def session_lease_key(session_id: str) -> str:
     return f"session:{session_id}"
 
 
-def terminal_chunks(status: TurnStatus, error: str | None, usage: dict[str, int] | None = None
-                    ) -> list[Chunk]:
+def terminal_chunks(
+    status: TurnStatus, error: str | None, usage: dict[str, int] | None = None
+) -> list[Chunk]:
     """How a turn's stream ends: ``finish``; ``error, finish``; or ``abort, finish``."""
     tail: list[Chunk] = []
     if status is TurnStatus.FAILED:

@@ -14,44 +14,55 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.role = role
         self.active_turns = Gauge(
-            "turnrelay_active_turns", "Turns running on this executor now",
+            "turnrelay_active_turns",
+            "Turns running on this executor now",
             registry=self.registry,
         )
         self.worker_pool = Gauge(
-            "turnrelay_worker_pool_size", "Turns this executor may run at once",
+            "turnrelay_worker_pool_size",
+            "Turns this executor may run at once",
             registry=self.registry,
         )
         self.worker_pool.set(workers)
         self.utilisation = Gauge(
-            "turnrelay_worker_utilisation", "active_turns / worker_pool_size",
+            "turnrelay_worker_utilisation",
+            "active_turns / worker_pool_size",
             registry=self.registry,
         )
         self.utilisation.set_function(
             lambda: self.active_turns._value.get() / workers if workers else 0.0
         )
         self.turns_finished = Counter(
-            "turnrelay_turns_finished", "Turns ended, by terminal status",
-            ["status"], registry=self.registry,
+            "turnrelay_turns_finished",
+            "Turns ended, by terminal status",
+            ["status"],
+            registry=self.registry,
         )
         self.turn_duration = Histogram(
-            "turnrelay_turn_duration_seconds", "Wall time of one attempt of a turn",
+            "turnrelay_turn_duration_seconds",
+            "Wall time of one attempt of a turn",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1500),
             registry=self.registry,
         )
         self.frames = Counter(
-            "turnrelay_frames_written", "Frames appended to the event log",
+            "turnrelay_frames_written",
+            "Frames appended to the event log",
             registry=self.registry,
         )
         self.http_requests = Counter(
-            "turnrelay_http_requests", "API requests by route and status",
-            ["route", "status"], registry=self.registry,
+            "turnrelay_http_requests",
+            "API requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
         )
         self.open_streams = Gauge(
-            "turnrelay_open_streams", "SSE streams this API process is serving",
+            "turnrelay_open_streams",
+            "SSE streams this API process is serving",
             registry=self.registry,
         )
         self.turns_submitted = Counter(
-            "turnrelay_turns_submitted", "Turns accepted by the API",
+            "turnrelay_turns_submitted",
+            "Turns accepted by the API",
             registry=self.registry,
         )
 

@@ -71,7 +71,8 @@ def check_distributed(settings: Settings, role: str) -> None:
     if problems:
         raise ConfigError(
             f"`turnrelay {role}` runs as one of several processes, which cannot share "
-            "in-process or file-local backends: " + "; ".join(problems)
+            "in-process or file-local backends: "
+            + "; ".join(problems)
             + ". Use `turnrelay serve` for a single process."
         )
 

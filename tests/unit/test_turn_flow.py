@@ -61,17 +61,30 @@ class Harness:
         self.queue = MemoryTurnQueue()
         self.metrics = Metrics("serve", 2)
         self.executor = Executor(
-            settings=self.settings, store=self.store, events=self.events, lease=MemoryLease(),
-            queue=self.queue, runtimes={"openai": self.runtime}, metrics=self.metrics, grace=1,
+            settings=self.settings,
+            store=self.store,
+            events=self.events,
+            lease=MemoryLease(),
+            queue=self.queue,
+            runtimes={"openai": self.runtime},
+            metrics=self.metrics,
+            grace=1,
         )
 
         async def ready() -> None:
             await self.store.ping()
 
-        self.app = create_app(settings=self.settings, store=self.store, events=self.events,
-                              queue=self.queue, metrics=self.metrics, readiness=ready)
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
-                                        base_url="http://t")
+        self.app = create_app(
+            settings=self.settings,
+            store=self.store,
+            events=self.events,
+            queue=self.queue,
+            metrics=self.metrics,
+            readiness=ready,
+        )
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://t"
+        )
 
 
 def frames(body: str) -> list[tuple[str | None, str]]:
@@ -119,8 +132,10 @@ async def test_turn_streams_and_persists(h: Harness) -> None:
     assert seqs == list(range(1, len(seqs) + 1))
     session = (await h.client.get(f"/api/chat/sessions/{sid}")).json()
     roles = [(m["role"], m["content"], m["status"]) for m in session["messages"]]
-    assert roles == [("user", "hello there", "completed"),
-                     ("assistant", "Echo: hello there", "completed")]
+    assert roles == [
+        ("user", "hello there", "completed"),
+        ("assistant", "Echo: hello there", "completed"),
+    ]
     assert chunks[0]["messageId"] == session["messages"][1]["id"]
     assert session["active_turn"] is None
 
@@ -150,7 +165,10 @@ async def test_history_holds_only_earlier_turns(h: Harness) -> None:
         await asyncio.sleep(0.02)
     assert [c.user_text for c in h.runtime.contexts] == ["one", "two", "three"]
     assert [[m.content for m in c.history] for c in h.runtime.contexts] == [
-        [], ["one", "Echo: one"], ["one", "Echo: one", "two", "Echo: two"]]
+        [],
+        ["one", "Echo: one"],
+        ["one", "Echo: one", "two", "Echo: two"],
+    ]
 
 
 async def test_cancel_running_turn(h: Harness) -> None:

@@ -39,11 +39,19 @@ def create_app(
     readiness: Callable[[], Awaitable[None]],
 ) -> Starlette:
     hub = StreamHub(events)
-    control = TurnControl(settings=settings, store=store, events=events, queue=queue,
-                          metrics=metrics)
-    r = ChatRoutes(settings=settings, store=store, events=events, control=control, hub=hub,
-                   auth=Authenticator(settings.user_tokens()), metrics=metrics,
-                   readiness=readiness)
+    control = TurnControl(
+        settings=settings, store=store, events=events, queue=queue, metrics=metrics
+    )
+    r = ChatRoutes(
+        settings=settings,
+        store=store,
+        events=events,
+        control=control,
+        hub=hub,
+        auth=Authenticator(settings.user_tokens()),
+        metrics=metrics,
+        readiness=readiness,
+    )
     prefix = "/api/chat"
     sid = "/sessions/{session_id}"
     routes: list[Any] = [
@@ -65,12 +73,15 @@ def create_app(
 
     middleware = []
     if settings.cors_origins:
-        middleware.append(Middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["authorization", "content-type", "last-event-id"],
-            expose_headers=["x-turn-id", "x-vercel-ai-ui-message-stream"],
-        ))
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["authorization", "content-type", "last-event-id"],
+                expose_headers=["x-turn-id", "x-vercel-ai-ui-message-stream"],
+            )
+        )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> Any:

@@ -112,7 +112,8 @@ class TurnControl:
             outcome = TurnOutcome(TurnStatus.FAILED, error="the turn could not be queued")
             if await self.store.finish_turn(head.id, head.attempt, outcome):
                 await close_stream(
-                    self.events, await self.store.get_turn(head.id),
+                    self.events,
+                    await self.store.get_turn(head.id),
                     self.settings.stream_retention,
                 )
             raise PublishFailed(f"the turn could not be queued: {exc.detail}") from exc
@@ -136,7 +137,8 @@ class TurnControl:
             outcome = TurnOutcome(TurnStatus.CANCELLED, error=None)
             if await self.store.finish_turn(turn.id, 0, outcome):
                 await close_stream(
-                    self.events, await self.store.get_turn(turn.id),
+                    self.events,
+                    await self.store.get_turn(turn.id),
                     self.settings.stream_retention,
                 )
                 # It may have been the dispatched head: let the next one go.

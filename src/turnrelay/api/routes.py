@@ -33,20 +33,38 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _session_json(s: SessionRecord) -> dict[str, Any]:
-    return {"id": s.id, "title": s.title, "created_at": _iso(s.created_at),
-            "updated_at": _iso(s.updated_at)}
+    return {
+        "id": s.id,
+        "title": s.title,
+        "created_at": _iso(s.created_at),
+        "updated_at": _iso(s.updated_at),
+    }
 
 
 def _message_json(m: MessageRecord) -> dict[str, Any]:
-    return {"id": m.id, "turn_id": m.turn_id, "role": m.role, "content": m.content,
-            "parts": m.parts, "status": m.status.value, "created_at": _iso(m.created_at)}
+    return {
+        "id": m.id,
+        "turn_id": m.turn_id,
+        "role": m.role,
+        "content": m.content,
+        "parts": m.parts,
+        "status": m.status.value,
+        "created_at": _iso(m.created_at),
+    }
 
 
 def _turn_json(t: TurnRecord) -> dict[str, Any]:
-    return {"turn_id": t.id, "status": t.status.value, "attempt": t.attempt, "error": t.error,
-            "model": t.model, "created_at": _iso(t.created_at),
-            "started_at": _iso(t.started_at), "finished_at": _iso(t.finished_at),
-            "usage": t.usage}
+    return {
+        "turn_id": t.id,
+        "status": t.status.value,
+        "attempt": t.attempt,
+        "error": t.error,
+        "model": t.model,
+        "created_at": _iso(t.created_at),
+        "started_at": _iso(t.started_at),
+        "finished_at": _iso(t.finished_at),
+        "usage": t.usage,
+    }
 
 
 class ChatRoutes:
@@ -99,8 +117,13 @@ class ChatRoutes:
             raise Gone(f"cursor {turn.id}:{after} is no longer in the stream")
 
     def _stream(self, turn_id: str, after: int) -> Response:
-        body = turn_frames(self.hub, turn_id, after, heartbeat=self.settings.heartbeat_interval,
-                           metrics=self.metrics)
+        body = turn_frames(
+            self.hub,
+            turn_id,
+            after,
+            heartbeat=self.settings.heartbeat_interval,
+            metrics=self.metrics,
+        )
         return sse_response(body, {"x-turn-id": turn_id})
 
     # -- sessions ----------------------------------------------------------------------
@@ -108,8 +131,9 @@ class ChatRoutes:
     async def create_session(self, request: Request) -> Response:
         user = self.auth.user_for(request)
         s = await self.store.create_session(user)
-        return JSONResponse({"id": s.id, "created_at": _iso(s.created_at), "user_id": s.user_id},
-                            201)
+        return JSONResponse(
+            {"id": s.id, "created_at": _iso(s.created_at), "user_id": s.user_id}, 201
+        )
 
     async def list_sessions(self, request: Request) -> Response:
         user = self.auth.user_for(request)
@@ -119,7 +143,7 @@ class ChatRoutes:
         return JSONResponse({"sessions": [_session_json(s) for s in sessions], "total": total})
 
     async def get_session(self, request: Request) -> Response:
-        user, s = await self._session(request)
+        _, s = await self._session(request)
         messages = await self.store.messages(s.id)
         active = await self.store.active_turns(s.id)
         active_json = None
@@ -132,11 +156,20 @@ class ChatRoutes:
                     last_event_id = f"{head.id}:{info.last_seq}"
             except NotFound:
                 pass
-            active_json = {"turn_id": head.id, "status": head.status.value,
-                           "started_at": _iso(head.started_at), "last_event_id": last_event_id}
-        return JSONResponse({**_session_json(s), "user_id": s.user_id,
-                             "messages": [_message_json(m) for m in messages],
-                             "active_turn": active_json})
+            active_json = {
+                "turn_id": head.id,
+                "status": head.status.value,
+                "started_at": _iso(head.started_at),
+                "last_event_id": last_event_id,
+            }
+        return JSONResponse(
+            {
+                **_session_json(s),
+                "user_id": s.user_id,
+                "messages": [_message_json(m) for m in messages],
+                "active_turn": active_json,
+            }
+        )
 
     async def delete_session(self, request: Request) -> Response:
         user, s = await self._session(request)
@@ -147,10 +180,15 @@ class ChatRoutes:
 
     async def _submit(self, request: Request) -> TurnRecord:
         user, s = await self._session(request)
-        body = parse_submit(await request.body(),
-                            max_message_bytes=self.settings.max_message_bytes)
-        result = await self.control.submit(s.id, user, body.message, model=body.model,
-                                           message_id=body.message_id, multitask=body.multitask)
+        body = parse_submit(await request.body(), max_message_bytes=self.settings.max_message_bytes)
+        result = await self.control.submit(
+            s.id,
+            user,
+            body.message,
+            model=body.model,
+            message_id=body.message_id,
+            multitask=body.multitask,
+        )
         return result.turn
 
     async def post_stream(self, request: Request) -> Response:
@@ -169,13 +207,15 @@ class ChatRoutes:
 
     async def get_stream(self, request: Request) -> Response:
         _, s = await self._session(request)
-        cursor = pick_cursor(request.headers.get("last-event-id"),
-                             request.query_params.get("after"))
+        cursor = pick_cursor(
+            request.headers.get("last-event-id"), request.query_params.get("after")
+        )
         turn_param = request.query_params.get("turn_id")
         if cursor is not None:
             if turn_param and turn_param != cursor.turn_id:
-                raise BadRequest("?turn_id= and the cursor name different turns",
-                                 code="invalid_cursor")
+                raise BadRequest(
+                    "?turn_id= and the cursor name different turns", code="invalid_cursor"
+                )
             turn = await self._turn_of(s, cursor.turn_id)
             await self._check_replayable(turn, cursor.seq)
             return self._stream(turn.id, cursor.seq)
@@ -207,8 +247,9 @@ class ChatRoutes:
         try:
             await self.readiness()
         except BackendUnavailable as exc:
-            return JSONResponse({"status": "unavailable", "detail": exc.detail,
-                                 "code": exc.code}, 503)
+            return JSONResponse(
+                {"status": "unavailable", "detail": exc.detail, "code": exc.code}, 503
+            )
         return JSONResponse({"status": "ready"})
 
     async def metrics_text(self, request: Request) -> Response:

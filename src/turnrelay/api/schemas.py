@@ -46,10 +46,10 @@ def parse_submit(raw: bytes, *, max_message_bytes: int) -> SubmitBody:
     if "messages" in body and "message" not in body:
         message, message_id = _from_transport(body)
     else:
-        message = body.get("message")
-        message_id = body.get("message_id")
-        if not isinstance(message, str):
+        raw_message, raw_id = body.get("message"), body.get("message_id")
+        if not isinstance(raw_message, str):
             raise BadRequest("`message` must be a string", code="invalid_body")
+        message, message_id = raw_message, raw_id
     if message_id is not None and (
         not isinstance(message_id, str) or not MESSAGE_ID.match(message_id)
     ):
@@ -89,7 +89,8 @@ def _from_transport(body: dict[str, Any]) -> tuple[str, str | None]:
     parts = last_user.get("parts")
     if isinstance(parts, list):
         text = "".join(
-            p.get("text", "") for p in parts
+            p.get("text", "")
+            for p in parts
             if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
         )
     elif isinstance(last_user.get("content"), str):

@@ -30,15 +30,21 @@ def encode_frame(turn_id: str, frame: Frame) -> bytes:
     return f"id: {turn_id}:{frame.seq}\ndata: {frame.data}\n\n".encode()
 
 
-def sse_response(body: AsyncIterator[bytes], extra_headers: dict[str, str] | None = None
-                 ) -> StreamingResponse:
+def sse_response(
+    body: AsyncIterator[bytes], extra_headers: dict[str, str] | None = None
+) -> StreamingResponse:
     return StreamingResponse(
         body, media_type="text/event-stream", headers={**HEADERS, **(extra_headers or {})}
     )
 
 
 async def turn_frames(
-    hub: StreamHub, turn_id: str, after: int, *, heartbeat: float, metrics: Metrics,
+    hub: StreamHub,
+    turn_id: str,
+    after: int,
+    *,
+    heartbeat: float,
+    metrics: Metrics,
     preamble: bytes = b"",
 ) -> AsyncIterator[bytes]:
     """The SSE bytes of one turn from ``after``: frames, pings while idle, [DONE]."""

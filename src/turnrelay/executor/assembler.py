@@ -82,16 +82,16 @@ class Assembler:
                 part["state"] = "input-available"
                 out.append(chunks.tool_input_available(call_id, name, input_))
             case ToolResult(call_id=call_id, output=output):
-                part = self._tools.get(call_id)
-                if part is not None:
-                    part["output"] = output
-                    part["state"] = "output-available"
+                done = self._tools.get(call_id)
+                if done is not None:
+                    done["output"] = output
+                    done["state"] = "output-available"
                     out.append(chunks.tool_output_available(call_id, output))
             case ToolFailed(call_id=call_id, error=error):
-                part = self._tools.get(call_id)
-                if part is not None:
-                    part["errorText"] = error
-                    part["state"] = "output-error"
+                failed = self._tools.get(call_id)
+                if failed is not None:
+                    failed["errorText"] = error
+                    failed["state"] = "output-error"
                     out.append(chunks.tool_output_error(call_id, error))
             case Usage(input_tokens=i, output_tokens=o):
                 prev = self.usage or {"inputTokens": 0, "outputTokens": 0, "totalTokens": 0}
@@ -130,24 +130,34 @@ class Assembler:
         self._open_id = uuid.uuid4().hex
         self._open_part = {"type": kind, "text": "", "state": "streaming"}
         self.parts.append(self._open_part)
-        out.append(chunks.text_start(self._open_id) if kind == "text"
-                   else chunks.reasoning_start(self._open_id))
+        out.append(
+            chunks.text_start(self._open_id)
+            if kind == "text"
+            else chunks.reasoning_start(self._open_id)
+        )
 
     def _close_open(self, out: list[Chunk]) -> None:
         if self._open_kind is None:
             return
         assert self._open_part is not None
         self._open_part["state"] = "done"
-        out.append(chunks.text_end(self._open_id) if self._open_kind == "text"
-                   else chunks.reasoning_end(self._open_id))
+        out.append(
+            chunks.text_end(self._open_id)
+            if self._open_kind == "text"
+            else chunks.reasoning_end(self._open_id)
+        )
         self._open_kind = None
         self._open_part = None
 
     def _tool_part(self, call_id: str, name: str) -> dict[str, Any]:
         part = self._tools.get(call_id)
         if part is None:
-            part = {"type": f"tool-{name}", "toolCallId": call_id, "state": "input-streaming",
-                    "input": None}
+            part = {
+                "type": f"tool-{name}",
+                "toolCallId": call_id,
+                "state": "input-streaming",
+                "input": None,
+            }
             self._tools[call_id] = part
             self.parts.append(part)
         return part

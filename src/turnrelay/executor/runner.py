@@ -38,8 +38,8 @@ from turnrelay.events.base import EventLog
 from turnrelay.executor.assembler import Assembler, persisted_parts
 from turnrelay.executor.frames import FrameWriter
 from turnrelay.executor.registry import Run, RunningTurns, StopReason
-from turnrelay.lifecycle import close_stream, session_lease_key, terminal_chunks
 from turnrelay.lease.base import Lease
+from turnrelay.lifecycle import close_stream, session_lease_key, terminal_chunks
 from turnrelay.metrics import Metrics
 from turnrelay.queue.base import Delivery, TurnMessage, TurnQueue
 from turnrelay.runtime.base import AgentRuntime, TurnContext
@@ -140,9 +140,7 @@ class TurnRunner:
             last = (await self.events.info(turn.id)).last_seq
         except NotFound:
             last = 0
-        writer = FrameWriter(
-            self.events, turn.id, last + 1, on_written=self.metrics.frames_written
-        )
+        writer = FrameWriter(self.events, turn.id, last + 1, on_written=self.metrics.frames_written)
         if last == 0:
             writer.add(chunks.start(turn.assistant_message_id))
         else:
@@ -236,12 +234,14 @@ class TurnRunner:
         while True:
             await asyncio.sleep(interval)
             try:
-                if not await self.lease.refresh(key, self.owner, self.settings.lease_ttl):
-                    # Redis may have restarted empty: take the lease again if it is
-                    # free; if someone else holds it, they own the turn now.
-                    if not await self.lease.acquire(key, self.owner, self.settings.lease_ttl):
-                        run.stop(StopReason.LEASE_LOST)
-                        return
+                ttl = self.settings.lease_ttl
+                # A failed refresh may mean Redis restarted empty: take the lease
+                # again if it is free; if someone else holds it, they own the turn.
+                if not await self.lease.refresh(key, self.owner, ttl) and not (
+                    await self.lease.acquire(key, self.owner, ttl)
+                ):
+                    run.stop(StopReason.LEASE_LOST)
+                    return
                 await self.events.touch(turn.id, self.settings.stream_retention)
                 current = await self.store.get_turn(turn.id)
             except TurnrelayError as exc:

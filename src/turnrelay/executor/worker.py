@@ -88,9 +88,7 @@ class Executor:
         ]
         try:
             stop_wait = asyncio.create_task(self._stopping.wait())
-            done, _ = await asyncio.wait(
-                [stop_wait, *workers], return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait([stop_wait, *workers], return_when=asyncio.FIRST_COMPLETED)
             if until_idle and stop_wait not in done:
                 await asyncio.gather(*workers)
             stop_wait.cancel()
@@ -110,8 +108,11 @@ class Executor:
         if pending:
             _, still = await asyncio.wait(pending, timeout=self.grace)
             if still:
-                log.warning("abandoning %d running turn(s) after %.0f s grace",
-                            len(self.running), self.grace)
+                log.warning(
+                    "abandoning %d running turn(s) after %.0f s grace",
+                    len(self.running),
+                    self.grace,
+                )
                 self.running.stop_all(StopReason.SHUTDOWN)
                 await asyncio.wait(still, timeout=5)
                 for task in still:

@@ -54,7 +54,7 @@ class TurnQueue(Protocol):
         """Begin taking deliveries; at most ``prefetch`` are outstanding (unacked)."""
         ...
 
-    async def receive(self, timeout: float | None = None) -> Delivery | None:  # noqa: ASYNC109
+    async def receive(self, timeout: float | None = None) -> Delivery | None:
         """The next delivery; ``None`` when ``timeout`` passes with none."""
         ...
 
