@@ -23,10 +23,17 @@ from tests.storage_servers import (
     create_gcs_bucket,
     create_s3_bucket,
     fake_gcs_server,
+    free_port,
     moto_server,
 )
-from turnrelay.errors import BadRequest, NotFound, ObjectNotFound, PreconditionFailed
-from turnrelay.storage import ObjectStore, object_key
+from turnrelay.errors import (
+    BackendUnavailable,
+    BadRequest,
+    NotFound,
+    ObjectNotFound,
+    PreconditionFailed,
+)
+from turnrelay.storage import ObjectStore, object_key, open_object_store
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ["memory", "local", "s3", "gcs"]
@@ -352,4 +359,57 @@ async def test_two_processes_race(shared_spec: StoreSpec) -> None:
             except TimeoutError:
                 writer.kill()
                 await writer.wait()
+        await store.shutdown()
+
+
+# -- selected by URL, configured by the usual settings ---------------------------------
+
+
+async def _conditional_round_trip(store: ObjectStore) -> None:
+    await store.startup()
+    try:
+        first = await store.put("via-url", b"1", if_none_match=True)
+        await store.put("via-url", b"2", if_version=first.version)
+        with pytest.raises(PreconditionFailed):
+            await store.put("via-url", b"3", if_version=first.version)
+        assert (await store.get("via-url")).data == b"2"
+    finally:
+        await store.shutdown()
+
+
+async def test_s3_from_url_and_aws_settings(
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = f"u-{uuid.uuid4().hex[:12]}"
+    create_s3_bucket(moto_endpoint, bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # read by obstore itself
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    environ = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_REGION": "us-east-1"}
+    store = open_object_store(f"s3://{bucket}/transcripts", environ=environ)
+    await _conditional_round_trip(store)
+    keys = await _unprefixed_keys(StoreSpec("s3", bucket=bucket, endpoint=moto_endpoint))
+    assert keys == ["transcripts/via-url"]
+
+
+async def test_gcs_from_url_and_emulator_setting(fake_gcs_url: str) -> None:
+    bucket = f"u-{uuid.uuid4().hex[:12]}"
+    create_gcs_bucket(fake_gcs_url, bucket)
+    host = fake_gcs_url.removeprefix("http://")  # the emulator variable is often host:port
+    store = open_object_store(f"gs://{bucket}/transcripts", environ={"STORAGE_EMULATOR_HOST": host})
+    await _conditional_round_trip(store)
+    keys = await _unprefixed_keys(StoreSpec("gcs", bucket=bucket, endpoint=fake_gcs_url))
+    assert keys == ["transcripts/via-url"]
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+async def test_unreachable_service_is_backend_unavailable(kind: str) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    store: ObjectStore = StoreSpec(kind, bucket="b", endpoint=dead).build()
+    await store.startup()
+    try:
+        with pytest.raises(BackendUnavailable):
+            await store.get("k")
+        with pytest.raises(BackendUnavailable):
+            await store.put("k", b"x", if_none_match=True)
+    finally:
         await store.shutdown()

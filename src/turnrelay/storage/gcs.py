@@ -177,15 +177,18 @@ class GCSObjectStore:
         if response.status_code != 200:
             raise self._fail(response, key)
         data = response.content
+        # The bytes and their generation must come from one response: pairing
+        # old bytes with a newer generation would let a stale writer win.
         generation = response.headers.get("x-goog-generation")
+        if not generation:
+            raise BackendUnavailable(f"gs://{self._bucket}: no generation in the answer")
         modified = response.headers.get("last-modified")
-        if generation and modified:
+        if modified:
             info = ObjectInfo(key, generation, len(data), parsedate_to_datetime(modified))
-            return StoredObject(info, data)
-        # No generation header: only bytes whose generation we can confirm will do.
-        info = await self.head(key)
-        if generation not in (None, info.version):
-            raise BackendUnavailable(f"gs://{self._bucket}: {key!r} changed while read")
+        else:
+            info = await self.head(key)
+            if info.version != generation:
+                raise BackendUnavailable(f"gs://{self._bucket}: {key!r} changed while read")
         return StoredObject(info, data)
 
     async def delete(self, key: str) -> None:
