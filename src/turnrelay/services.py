@@ -17,6 +17,7 @@ from turnrelay.metrics import Metrics
 from turnrelay.queue.base import TurnQueue
 from turnrelay.runtime.base import AgentRuntime
 from turnrelay.settings import ModelRef, Settings
+from turnrelay.storage.base import ObjectStore
 from turnrelay.store.base import ChatStore
 
 
@@ -28,10 +29,12 @@ class Services:
     events: EventLog
     lease: Lease
     metrics: Metrics
+    storage: ObjectStore
     runtimes: dict[str, AgentRuntime] = field(default_factory=dict)
 
     async def startup(self) -> None:
         await self.store.startup()
+        await self.storage.startup()
         await self.events.startup()
         await self.lease.startup()
         await self.queue.startup()
@@ -44,6 +47,7 @@ class Services:
             self.queue.shutdown,
             self.lease.shutdown,
             self.events.shutdown,
+            self.storage.shutdown,
             self.store.shutdown,
         ):
             with contextlib.suppress(TurnrelayError):
@@ -66,8 +70,8 @@ def check_distributed(settings: Settings, role: str) -> None:
         problems.append("TURNRELAY_REDIS_URL is memory:// (use redis://…)")
     if settings.database_url.startswith("sqlite"):
         problems.append("TURNRELAY_DATABASE_URL is SQLite (use postgresql+asyncpg://…)")
-    if role == "executor" and settings.storage_url.startswith(("memory:", "file:")):
-        pass  # local storage is allowed when every executor mounts the same path
+    if settings.storage_url.startswith("memory:"):
+        problems.append("TURNRELAY_STORAGE_URL is memory:// (use s3://, gs:// or a shared file://)")
     if problems:
         raise ConfigError(
             f"`turnrelay {role}` runs as one of several processes, which cannot share "
@@ -96,11 +100,8 @@ def build_runtimes(settings: Settings) -> dict[str, AgentRuntime]:
     return runtimes
 
 
-def build_services(settings: Settings, role: str, *, shared: Services | None = None) -> Services:
-    """Concrete backends from URLs. ``shared`` lets a second component of one
-    process (serve's API beside its executor) reuse in-process backends."""
-    if shared is not None:
-        return shared
+def build_services(settings: Settings, role: str) -> Services:
+    """Concrete backends from URLs; nothing connects before ``startup()``."""
     metrics = Metrics(role, settings.num_workers if role in ("executor", "serve") else 0)
 
     store: ChatStore
@@ -138,5 +139,8 @@ def build_services(settings: Settings, role: str, *, shared: Services | None = N
     else:
         raise ConfigError(f"unsupported TURNRELAY_REDIS_URL {settings.redis_url!r}")
 
+    from turnrelay.storage.factory import open_object_store
+
+    storage = open_object_store(settings.storage_url)
     runtimes = build_runtimes(settings) if role in ("executor", "serve") else {}
-    return Services(settings, store, queue, events, lease, metrics, runtimes)
+    return Services(settings, store, queue, events, lease, metrics, storage, runtimes)

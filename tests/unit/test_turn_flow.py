@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -35,7 +35,7 @@ class ScriptedRuntime:
 
     async def shutdown(self) -> None: ...
 
-    async def run(self, ctx: TurnContext) -> AsyncIterator[RuntimeEvent]:
+    async def run(self, ctx: TurnContext) -> AsyncGenerator[RuntimeEvent, None]:
         self.contexts.append(ctx)
         yield StepStart()
         for i, word in enumerate(f"Echo: {ctx.user_text}".split(" ")):

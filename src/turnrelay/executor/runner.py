@@ -223,8 +223,12 @@ class TurnRunner:
             history=await self.store.history(turn.session_id, turn.seq),
             history_tokens=self.settings.history_tokens,
         )
-        async with asyncio.timeout(self.settings.turn_timeout):
-            async for event in runtime.run(ctx):
+        # aclosing: on cancel or timeout the runtime's generator is closed at once,
+        # so it closes the model's HTTP stream or ends its child process.
+        async with asyncio.timeout(self.settings.turn_timeout), contextlib.aclosing(
+            runtime.run(ctx)
+        ) as events:
+            async for event in events:
                 writer.add(*assembler.feed(event))
         await writer.flush()
 

@@ -182,7 +182,7 @@ class MemoryTurnQueue:
 
     async def receive(
         self,
-        timeout: float | None = None,  # noqa: ASYNC109 - the port's signature
+        timeout: float | None = None,
     ) -> MemoryDelivery | None:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout

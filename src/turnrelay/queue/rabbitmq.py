@@ -401,7 +401,7 @@ class RabbitTurnQueue:
 
     async def receive(
         self,
-        timeout: float | None = None,  # noqa: ASYNC109 - the port's signature
+        timeout: float | None = None,
     ) -> RabbitDelivery | None:
         """The next delivery; ``None`` on timeout, or at once when not consuming."""
         loop = asyncio.get_running_loop()

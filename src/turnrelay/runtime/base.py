@@ -14,7 +14,7 @@ resources (close the model's HTTP stream, end a child process) on it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -114,4 +114,4 @@ class AgentRuntime(Protocol):
 
     async def shutdown(self) -> None: ...
 
-    def run(self, ctx: TurnContext) -> AsyncIterator[RuntimeEvent]: ...
+    def run(self, ctx: TurnContext) -> AsyncGenerator[RuntimeEvent, None]: ...

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass
 from itertools import groupby
 from typing import TYPE_CHECKING, Any, cast
@@ -145,7 +145,7 @@ class OpenAIRuntime:
             )
         return self._sdk
 
-    async def run(self, ctx: TurnContext) -> AsyncIterator[RuntimeEvent]:
+    async def run(self, ctx: TurnContext) -> AsyncGenerator[RuntimeEvent, None]:
         messages = build_messages(ctx)
         step = _StepResult()
         async for event in self._model_step(ctx.model.name, messages, step):
