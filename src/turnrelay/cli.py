@@ -13,9 +13,16 @@ import logging
 import signal
 import socket
 import sys
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import uvicorn
 
 from turnrelay.errors import ConfigError, SchemaOutOfDate, TurnrelayError
 from turnrelay.settings import Settings
+
+if TYPE_CHECKING:
+    from turnrelay.services import Services
 
 log = logging.getLogger("turnrelay")
 
@@ -50,10 +57,40 @@ def _check_serving(settings: Settings, host: str) -> None:
         )
 
 
-async def _serve(settings: Settings, host: str, port: int) -> None:
-    import uvicorn
-
+def _http_server(services: Services, host: str, port: int) -> uvicorn.Server:
+    """The API under uvicorn. On SIGTERM the stream hub ends every open stream
+    first (without ``[DONE]``), so clients resume on another replica at once
+    instead of waiting for the graceful-shutdown timeout."""
     from turnrelay.api.app import create_app
+
+    settings = services.settings
+    app = create_app(
+        settings=settings,
+        store=services.store,
+        events=services.events,
+        queue=services.queue,
+        metrics=services.metrics,
+        readiness=services.ready,
+    )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            app.state.hub.close()
+            super().handle_exit(sig, frame)
+
+    return Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="info",
+            timeout_graceful_shutdown=5,
+            access_log=False,
+        )
+    )
+
+
+async def _serve(settings: Settings, host: str, port: int) -> None:
     from turnrelay.executor.worker import Executor
     from turnrelay.services import build_services
     from turnrelay.store.migrate import migrate
@@ -71,24 +108,7 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
         metrics=services.metrics,
         grace=settings.grace(30.0),
     )
-    app = create_app(
-        settings=settings,
-        store=services.store,
-        events=services.events,
-        queue=services.queue,
-        metrics=services.metrics,
-        readiness=services.ready,
-    )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="info",
-            timeout_graceful_shutdown=5,
-            access_log=False,
-        )
-    )
+    server = _http_server(services, host, port)
     exec_task = asyncio.create_task(executor.run(), name="executor")
     try:
         await server.serve()
@@ -99,9 +119,6 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
 
 
 async def _api(settings: Settings, host: str, port: int) -> None:
-    import uvicorn
-
-    from turnrelay.api.app import create_app
     from turnrelay.services import build_services, check_distributed
     from turnrelay.store.migrate import check_schema
 
@@ -109,32 +126,13 @@ async def _api(settings: Settings, host: str, port: int) -> None:
     await check_schema(settings.database_url)
     services = build_services(settings, "api")
     await services.startup()
-    app = create_app(
-        settings=settings,
-        store=services.store,
-        events=services.events,
-        queue=services.queue,
-        metrics=services.metrics,
-        readiness=services.ready,
-    )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="info",
-            timeout_graceful_shutdown=5,
-            access_log=False,
-        )
-    )
     try:
-        await server.serve()
+        await _http_server(services, host, port).serve()
     finally:
         await services.shutdown()
 
 
 async def _executor(settings: Settings) -> None:
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response

@@ -120,7 +120,7 @@ def build_services(settings: Settings, role: str) -> Services:
     elif settings.broker_url.startswith(("amqp:", "amqps:")):
         from turnrelay.queue.rabbitmq import RabbitTurnQueue
 
-        queue = RabbitTurnQueue(settings.broker_url)
+        queue = RabbitTurnQueue(settings.broker_url, name=settings.namespace)
     else:
         raise ConfigError(f"unsupported TURNRELAY_BROKER_URL {settings.broker_url!r}")
 
@@ -135,7 +135,8 @@ def build_services(settings: Settings, role: str) -> Services:
         from turnrelay.events.redis import RedisEventLog
         from turnrelay.lease.redis import RedisLease
 
-        events, lease = RedisEventLog(settings.redis_url), RedisLease(settings.redis_url)
+        events = RedisEventLog(settings.redis_url, key_prefix=settings.namespace)
+        lease = RedisLease(settings.redis_url, key_prefix=settings.namespace)
     else:
         raise ConfigError(f"unsupported TURNRELAY_REDIS_URL {settings.redis_url!r}")
 

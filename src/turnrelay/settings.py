@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     database_manager_url: str | None = None
     database_manager_secret: str | None = None
 
+    # Prefix of broker exchanges/queues and Redis keys: deployments (or tests)
+    # sharing one RabbitMQ and Redis stay apart by namespace.
+    namespace: str = Field("turnrelay", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
     model: str | None = None
     models: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(
         default_factory=list

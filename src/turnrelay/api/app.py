@@ -13,6 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from turnrelay.api import errors
 from turnrelay.api.auth import Authenticator
@@ -71,7 +72,7 @@ def create_app(
     if (WEB_DIR / "index.html").exists():
         routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
 
-    middleware = []
+    middleware = [Middleware(RequestMetrics, metrics=metrics)]
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -91,7 +92,7 @@ def create_app(
         finally:
             await hub.stop()
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=middleware,
         exception_handlers={
@@ -101,3 +102,32 @@ def create_app(
         },
         lifespan=lifespan,
     )
+    app.state.hub = hub
+    return app
+
+
+class RequestMetrics:
+    """Counts every request by route template and status, in one place."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            endpoint = scope.get("endpoint")
+            name = getattr(endpoint, "__name__", None) or "unmatched"
+            self._metrics.http_requests.labels(name, str(status)).inc()

@@ -19,12 +19,16 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from turnrelay.errors import TurnrelayError
+from turnrelay.errors import BackendUnavailable, TurnrelayError
 from turnrelay.events.base import EventLog, Frame
 
 log = logging.getLogger(__name__)
 
 _BLOCK = 5.0  # seconds a read blocks before it is reissued
+
+
+class StreamClosed(Exception):
+    """This API process is shutting down: the client should resume elsewhere."""
 
 
 class Subscription:
@@ -52,6 +56,19 @@ class StreamHub:
         self._subs: dict[str, set[Subscription]] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """End every subscription now (SIGTERM): each stream stops without
+        ``[DONE]``, so its client reconnects with its cursor to another replica."""
+        self._closed = True
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.frames.put_nowait(StreamClosed())
 
     async def start(self) -> None:
         if self._task is None:
@@ -71,6 +88,8 @@ class StreamHub:
     @contextlib.asynccontextmanager
     async def subscribe(self, turn_id: str, after: int) -> AsyncIterator[Subscription]:
         """Frames of ``turn_id`` with ``seq > after``, live, for the block's duration."""
+        if self._closed:
+            raise BackendUnavailable("this API process is shutting down; retry")
         await self.start()
         sub = Subscription(turn_id, after)
         self._subs.setdefault(turn_id, set()).add(sub)

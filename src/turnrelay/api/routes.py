@@ -117,6 +117,8 @@ class ChatRoutes:
             raise Gone(f"cursor {turn.id}:{after} is no longer in the stream")
 
     def _stream(self, turn_id: str, after: int) -> Response:
+        if self.hub.closed:
+            raise BackendUnavailable("this API process is shutting down; retry")
         body = turn_frames(
             self.hub,
             turn_id,

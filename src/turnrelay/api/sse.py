@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import StreamingResponse
 
-from turnrelay.api.hub import StreamHub
+from turnrelay.api.hub import StreamClosed, StreamHub
 from turnrelay.events.base import Frame
 from turnrelay.metrics import Metrics
 
@@ -54,7 +54,10 @@ async def turn_frames(
             yield preamble
         async with hub.subscribe(turn_id, after) as sub:
             while True:
-                frame = await sub.next(heartbeat)
+                try:
+                    frame = await sub.next(heartbeat)
+                except StreamClosed:
+                    return  # no [DONE]: the client resumes with its cursor elsewhere
                 if frame is None:
                     yield PING
                     continue
