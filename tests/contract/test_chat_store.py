@@ -263,7 +263,7 @@ async def test_reject_passes_when_nothing_is_active(store: SqlChatStore) -> None
     assert result.created and result.turn.seq == 2
 
 
-async def test_running_cap_counts_dispatched_turns_across_sessions(store: SqlChatStore) -> None:
+async def test_running_cap_counts_active_sessions_across_sessions(store: SqlChatStore) -> None:
     busy = []
     for _ in range(2):
         s = await store.create_session("alice")
@@ -271,10 +271,10 @@ async def test_running_cap_counts_dispatched_turns_across_sessions(store: SqlCha
         assert await store.dispatch_next(s.id) is not None
         busy.append(s)
     idle = await store.create_session("alice")
-    await store.submit_turn(new(idle.id, "undispatched"))  # queued, not dispatched: not counted
+    await store.submit_turn(new(idle.id, "undispatched"))  # queued: about to run, counted
     fresh = await store.create_session("alice")
     with pytest.raises(RateLimited, match="running turns"):
-        await store.submit_turn(new(fresh.id, max_running_per_user=2))
+        await store.submit_turn(new(fresh.id, max_running_per_user=3))
     assert await store.messages(fresh.id) == []
     assert (await store.get_session(fresh.id, "alice")).title is None
     # A session that already has an active turn just queues behind it.
@@ -282,7 +282,7 @@ async def test_running_cap_counts_dispatched_turns_across_sessions(store: SqlCha
     # Another user is not affected.
     bob = await store.create_session("bob")
     assert (await store.submit_turn(new(bob.id, user="bob", max_running_per_user=2))).created
-    assert await store.count_active_for_user("alice") == 2
+    assert await store.count_active_for_user("alice") == 3
 
 
 async def test_queued_cap_per_session(store: SqlChatStore) -> None:
@@ -338,7 +338,7 @@ async def test_count_active_for_user(store: SqlChatStore) -> None:
     s = await store.create_session("alice")
     assert await store.count_active_for_user("alice") == 0
     t = (await store.submit_turn(new(s.id))).turn
-    assert await store.count_active_for_user("alice") == 0
+    assert await store.count_active_for_user("alice") == 1
     await store.dispatch_next(s.id)
     assert await store.count_active_for_user("alice") == 1
     await store.start_turn(t.id, 0)
@@ -608,3 +608,15 @@ async def test_sqlite_uses_wal(tmp_path: object) -> None:
         assert mode == "wal"
     finally:
         await store.shutdown()
+
+
+async def test_racing_submits_across_sessions_respect_the_user_cap(store: SqlChatStore) -> None:
+    sessions_ = [await store.create_session("alice") for _ in range(8)]
+    results = await asyncio.gather(
+        *(store.submit_turn(new(s.id, max_running_per_user=3)) for s in sessions_),
+        return_exceptions=True,
+    )
+    accepted = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, RateLimited)]
+    assert len(accepted) == 3 and len(refused) == 5
+    assert await store.count_active_for_user("alice") == 3

@@ -416,6 +416,12 @@ class SqlChatStore:
         if active and new.multitask is Multitask.REJECT:
             raise TurnAlreadyActive("the session already has an active turn", turn_id=active[0].id)
         if not active:
+            # The per-user cap spans sessions, which the session lock does not
+            # serialise: on PostgreSQL take a per-user transaction lock too.
+            if conn.dialect.name == "postgresql":
+                await conn.execute(
+                    sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(new.user_id)))
+                )
             running = await self._count_active_for_user(conn, new.user_id)
             if running >= new.max_running_per_user:
                 raise RateLimited(
@@ -525,14 +531,12 @@ class SqlChatStore:
         return [_turn(r._mapping) for r in (await conn.execute(query)).all()]
 
     async def _count_active_for_user(self, conn: AsyncConnection, user_id: str) -> int:
+        """The user's sessions with a queued or running turn: each is one turn
+        running or about to run (a session runs one turn at a time)."""
         count = (
             await conn.execute(
-                sa.select(sa.func.count())
-                .select_from(turns)
-                .where(
-                    turns.c.user_id == user_id,
-                    turns.c.dispatched == sa.true(),
-                    turns.c.status.in_(_ACTIVE),
+                sa.select(sa.func.count(sa.distinct(turns.c.session_id))).where(
+                    turns.c.user_id == user_id, turns.c.status.in_(_ACTIVE)
                 )
             )
         ).scalar_one()

@@ -1,0 +1,132 @@
+"""A distributed turnrelay cluster of real processes for end-to-end tests:
+`turnrelay api` replicas and `turnrelay executor`s over RabbitMQ, Redis and
+PostgreSQL, each test run in its own database and broker/Redis namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from tests.procs import FakeLLMProc, Proc, free_port, start
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _pg_admin_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def _create_db(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(_pg_admin_dsn(admin_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_db(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(_pg_admin_dsn(admin_url))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    llm: FakeLLMProc
+    postgres_url: str
+    amqp_url: str = AMQP_URL
+    redis_url: str = REDIS_URL
+    namespace: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
+    apis: list[Proc] = field(default_factory=list)
+    executors: list[Proc] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def db_name(self) -> str:
+        return f"tr_{self.namespace}"
+
+    @property
+    def database_url(self) -> str:
+        base = self.postgres_url.rsplit("/", 1)[0]
+        return f"{base}/{self.db_name}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "TURNRELAY_DATABASE_URL": self.database_url,
+            "TURNRELAY_BROKER_URL": self.amqp_url,
+            "TURNRELAY_REDIS_URL": self.redis_url,
+            "TURNRELAY_STORAGE_URL": f"file://{self.tmp}/storage",
+            "TURNRELAY_NAMESPACE": self.namespace,
+            "TURNRELAY_MODEL": "openai:fake",
+            "TURNRELAY_API_KEYS": "tok-alice=alice,tok-bob=bob",
+            "TURNRELAY_HEARTBEAT_INTERVAL": "1",
+            "TURNRELAY_SHUTDOWN_GRACE": "10s",
+            "TURNRELAY_MAX_RUNNING_TURNS_PER_USER": "100",
+            "OPENAI_BASE_URL": self.llm.base_url,
+            "OPENAI_API_KEY": "unused",
+            **self.extra_env,
+        }
+
+    def create(self) -> None:
+        asyncio.run(_create_db(self.postgres_url, self.db_name))
+        migrate = subprocess.run(
+            [sys.executable, "-m", "turnrelay.cli", "migrate"],
+            env={**self.env(), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.tmp,
+        )
+        assert migrate.returncode == 0, migrate.stderr
+
+    def start_api(self) -> Proc:
+        port = free_port()
+        proc = start(
+            f"api{len(self.apis)}",
+            ["api", "--port", str(port)],
+            env=self.env(),
+            tmp=self.tmp,
+            health_url=f"http://127.0.0.1:{port}/health",
+        )
+        proc.url = f"http://127.0.0.1:{port}"
+        self.apis.append(proc)
+        return proc
+
+    def start_executor(self, **env: str) -> Proc:
+        port = free_port()
+        proc = start(
+            f"executor{len(self.executors)}",
+            ["executor"],
+            env={**self.env(), "TURNRELAY_EXECUTOR_PORT": str(port), **env},
+            tmp=self.tmp,
+            health_url=f"http://127.0.0.1:{port}/health",
+        )
+        proc.url = f"http://127.0.0.1:{port}"
+        self.executors.append(proc)
+        return proc
+
+    def finished_turns(self, executor: Proc) -> float:
+        text = httpx.get(f"{executor.url}/metrics", timeout=5).text
+        return sum(
+            float(m)
+            for m in re.findall(
+                r'^turnrelay_turns_finished_total\{status="[a-z]+"\} ([0-9.e+]+)$', text, re.M
+            )
+        )
+
+    def stop(self) -> None:
+        for proc in [*self.apis, *self.executors]:
+            proc.stop()
+        asyncio.run(_drop_db(self.postgres_url, self.db_name))

@@ -1,0 +1,228 @@
+"""Distributed mode with real processes: `turnrelay api` + two `turnrelay executor`
++ `turnrelay fake-llm --record`, over RabbitMQ, Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import AMQP_URL, POSTGRES_URL, REDIS_URL, require_server
+from tests.e2e.cluster import Cluster
+from tests.procs import FakeLLMProc, read_sse, start_fake_llm
+from turnrelay.queue.base import TurnMessage
+from turnrelay.queue.rabbitmq import RabbitTurnQueue
+
+pytestmark = pytest.mark.slow
+AUTH = {"authorization": "Bearer tok-alice"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    require_server("PostgreSQL", POSTGRES_URL, 5432)
+    require_server("Redis", REDIS_URL, 6379)
+    require_server("RabbitMQ", AMQP_URL, 5672)
+    tmp = tmp_path_factory.mktemp("cluster")
+    llm = start_fake_llm(tmp)
+    c = Cluster(tmp=tmp, llm=llm, postgres_url=POSTGRES_URL)
+    c.create()
+    try:
+        c.start_api()
+        c.start_api()
+        c.start_executor()
+        c.start_executor()
+        yield c
+    finally:
+        c.stop()
+        llm.proc.stop()
+
+
+def model_requests(llm: FakeLLMProc, marker: str) -> list[dict[str, Any]]:
+    return [
+        r for r in llm.requests() if marker in json.dumps((r.get("body") or {}).get("messages", []))
+    ]
+
+
+def conversation(request: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in request["body"]["messages"] if m["role"] != "system"]
+
+
+async def _stream_turn(client: httpx.AsyncClient, sid: str, text: str) -> str:
+    async with client.stream(
+        "POST", f"/api/chat/sessions/{sid}/stream", json={"message": text}
+    ) as r:
+        assert r.status_code == 200, await r.aread()
+        body = ""
+        async for chunk in r.aiter_text():
+            body += chunk
+    assert body.rstrip().endswith("data: [DONE]")
+    deltas = []
+    for block in body.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk["type"] == "text-delta":
+                    deltas.append(chunk["delta"])
+    return "".join(deltas)
+
+
+def test_fifty_turns_over_25_sessions(cluster: Cluster) -> None:
+    api = cluster.apis[0]
+    before = [cluster.finished_turns(e) for e in cluster.executors]
+
+    async def run() -> tuple[list[str], list[tuple[str, str, str]]]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(
+            base_url=api.url, headers=AUTH, timeout=120, limits=limits
+        ) as client:
+            sids = [(await client.post("/api/chat/sessions")).json()["id"] for _ in range(25)]
+            jobs = [
+                (sid, f"fan s{i} m{j} fake:delay_ms=15")
+                for i, sid in enumerate(sids)
+                for j in range(2)
+            ]
+            replies = await asyncio.gather(*(_stream_turn(client, s, t) for s, t in jobs))
+            return sids, [(s, t, r) for (s, t), r in zip(jobs, replies, strict=True)]
+
+    sids, results = asyncio.run(run())
+    for _, text, reply in results:
+        assert reply == "Echo: " + text.split(" fake:")[0]
+    after = [cluster.finished_turns(e) for e in cluster.executors]
+    ran = [a - b for a, b in zip(after, before, strict=True)]
+    assert sum(ran) == 50 and all(n > 0 for n in ran), ran  # both executors ran turns
+
+    records = cluster.llm.records()
+    closed = {r["request_index"]: r["t"] for r in records if r.get("event") == "closed"}
+    with httpx.Client(base_url=api.url, headers=AUTH) as client:
+        for i, sid in enumerate(sids):
+            session = client.get(f"/api/chat/sessions/{sid}").json()
+            users = [m["content"] for m in session["messages"] if m["role"] == "user"]
+            reqs = model_requests(cluster.llm, f"fan s{i} m")
+            assert len(reqs) == 2
+            # no two turns of one session in flight at once
+            first, second = sorted(reqs, key=lambda r: r["t"])
+            assert closed[first["request_index"]] <= second["t"]
+            # every turn's history held exactly the earlier turns
+            assert conversation(first) == [("user", users[0])]
+            assert conversation(second) == [
+                ("user", users[0]),
+                ("assistant", "Echo: " + users[0].split(" fake:")[0]),
+                ("user", users[1]),
+            ]
+
+
+def test_duplicate_delivery_runs_once(cluster: Cluster) -> None:
+    api = cluster.apis[0]
+    with httpx.Client(base_url=api.url, headers=AUTH, timeout=60) as client:
+        sid = client.post("/api/chat/sessions").json()["id"]
+        r = client.post(
+            f"/api/chat/sessions/{sid}/turns",
+            json={"message": "dupe once fake:tokens=30 fake:delay_ms=20"},
+        )
+        turn_id = r.json()["turn_id"]
+
+        async def publish_again() -> None:
+            queue = RabbitTurnQueue(cluster.amqp_url, name=cluster.namespace)
+            await queue.startup()
+            try:
+                await queue.publish(TurnMessage(turn_id, sid))  # while it runs
+            finally:
+                await queue.shutdown()
+
+        time.sleep(0.2)
+        asyncio.run(publish_again())
+        with client.stream(
+            "GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": turn_id}
+        ) as s:
+            sse = read_sse(s)
+        assert sse.done and sse.text() == " ".join(f"t{i}" for i in range(30))
+        asyncio.run(publish_again())  # and once more after it finished
+        time.sleep(2.5)  # requeue delay + a redelivery round
+        turn = client.get(f"/api/chat/sessions/{sid}/turns/{turn_id}").json()
+        assert turn["status"] == "completed" and turn["attempt"] == 1
+        with client.stream(
+            "GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": turn_id}
+        ) as s:
+            again = read_sse(s)
+        assert again.events == sse.events  # nothing appended by a second run
+    assert len(model_requests(cluster.llm, "dupe once")) == 1
+
+
+def test_resume_on_another_api_replica(cluster: Cluster) -> None:
+    one, two = cluster.apis[0], cluster.apis[1]
+    with (
+        httpx.Client(base_url=one.url, headers=AUTH, timeout=60) as c1,
+        httpx.Client(base_url=two.url, headers=AUTH, timeout=60) as c2,
+    ):
+        sid = c1.post("/api/chat/sessions").json()["id"]
+        with c1.stream(
+            "POST",
+            f"/api/chat/sessions/{sid}/stream",
+            json={"message": "replica fake:tokens=40 fake:delay_ms=25"},
+        ) as r:
+            half = read_sse(r, stop_after=15)
+        turn_id = half.ids[0].split(":")[0]
+        with c2.stream(
+            "GET", f"/api/chat/sessions/{sid}/stream", headers={"Last-Event-ID": half.ids[-1]}
+        ) as r:
+            rest = read_sse(r)
+        with c2.stream("GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": turn_id}) as r:
+            whole = read_sse(r)
+    assert rest.done and whole.done
+    assert half.events + rest.events == whole.events
+    assert whole.text() == " ".join(f"t{i}" for i in range(40))
+
+
+def test_api_and_executor_refuse_embedded_backends(cluster: Cluster) -> None:
+    import subprocess
+    import sys
+
+    for role in ("api", "executor"):
+        r = subprocess.run(
+            [sys.executable, "-m", "turnrelay.cli", role],
+            env={"PATH": "/usr/bin:/bin", "TURNRELAY_MODEL": "openai:fake"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=cluster.tmp,
+        )
+        assert r.returncode == 2
+        assert "memory://" in r.stderr and "SQLite" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_api_refuses_an_out_of_date_schema(cluster: Cluster) -> None:
+    import subprocess
+    import sys
+
+    async def create_empty() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(
+            POSTGRES_URL.replace("+asyncpg", "").rsplit("/", 1)[0] + "/postgres"
+        )
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{cluster.db_name}_empty"')
+            await conn.execute(f'CREATE DATABASE "{cluster.db_name}_empty"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create_empty())
+    env = {
+        **cluster.env(),
+        "PATH": "/usr/bin:/bin",
+        "TURNRELAY_DATABASE_URL": cluster.database_url + "_empty",
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "turnrelay.cli", "api"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cluster.tmp,
+    )
+    assert r.returncode == 2 and "turnrelay migrate" in r.stderr, r.stderr
