@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,20 @@ def _http_server(services: Services, host: str, port: int) -> uvicorn.Server:
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             app.state.hub.close()
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises the signal once it has shut down, which would kill
+            # the process before the caller drains its executor and closes its
+            # backends; handle SIGTERM/SIGINT here and return normally instead.
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            try:
+                yield
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
 
     return Server(
         uvicorn.Config(
