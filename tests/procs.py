@@ -174,3 +174,24 @@ def read_sse(response: httpx.Response, *, stop_after: int | None = None) -> SSE:
         if stop_after is not None and len(sse.events) >= stop_after:
             break
     return sse
+
+
+def start_serve(tmp: Path, llm: FakeLLMProc, env: dict[str, str] | None = None) -> Proc:
+    """`turnrelay serve` on a free port with the fake LLM as its only model."""
+    port = free_port()
+    proc = start(
+        "serve",
+        ["serve", "--port", str(port)],
+        tmp=tmp,
+        env={
+            "TURNRELAY_MODEL": "openai:fake",
+            "TURNRELAY_MODELS": "openai:fake",
+            "OPENAI_BASE_URL": llm.base_url,
+            "OPENAI_API_KEY": "unused",
+            "TURNRELAY_HEARTBEAT_INTERVAL": "0.5",
+            **(env or {}),
+        },
+        health_url=f"http://127.0.0.1:{port}/health",
+    )
+    proc.url = f"http://127.0.0.1:{port}"
+    return proc
