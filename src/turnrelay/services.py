@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from turnrelay.errors import ConfigError, TurnrelayError
 from turnrelay.events.base import EventLog
@@ -19,6 +20,7 @@ from turnrelay.runtime.base import AgentRuntime
 from turnrelay.settings import ModelRef, Settings
 from turnrelay.storage.base import ObjectStore
 from turnrelay.store.base import ChatStore
+from turnrelay.tools.registry import ToolRegistry, build_registry
 
 
 @dataclass
@@ -84,6 +86,9 @@ def check_distributed(settings: Settings, role: str) -> None:
 def build_runtimes(settings: Settings) -> dict[str, AgentRuntime]:
     providers = {ModelRef.parse(m).provider for m in settings.allowed_models()}
     runtimes: dict[str, AgentRuntime] = {}
+    tools = build_registry(settings.tools) if providers else ToolRegistry()
+    # Resolved once, at startup: tools and the CLI get an absolute path.
+    sandbox = Path(settings.sandbox_dir).resolve()
     for provider in providers:
         if provider == "openai":
             from turnrelay.runtime.openai import OpenAIRuntime
@@ -91,6 +96,9 @@ def build_runtimes(settings: Settings) -> dict[str, AgentRuntime]:
             runtimes["openai"] = OpenAIRuntime(
                 base_url=os.environ.get("OPENAI_BASE_URL"),
                 api_key=os.environ.get("OPENAI_API_KEY"),
+                tools=tools,
+                sandbox_dir=sandbox,
+                max_tool_steps=settings.max_tool_steps,
             )
         else:
             raise ConfigError(

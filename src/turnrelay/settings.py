@@ -112,6 +112,22 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=10)
     max_message_bytes: int = Field(64 * 1024, ge=1)
 
+    # Tools. Working directories of sessions live under the sandbox: the same
+    # absolute path on every executor (the Claude CLI keys transcripts by it).
+    sandbox_dir: str = "./.turnrelay/sandbox"
+    # turnrelay tools offered to models (built-in and `turnrelay.tools` entry
+    # points); empty: all of them.
+    tools: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(
+        default_factory=list
+    )
+    # Built-in tools of the Claude Code CLI to enable (e.g. `WebSearch,Read`);
+    # empty, the safe default: none, so the model cannot run commands or touch files.
+    claude_tools: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(
+        default_factory=list
+    )
+    # Model steps that may call tools in one turn; then the model must answer.
+    max_tool_steps: int = Field(8, ge=0, le=100)
+
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str | None) -> str | None:

@@ -11,19 +11,28 @@ Configuration is explicit: the composition root reads ``OPENAI_BASE_URL`` and
 ``OPENAI_API_KEY`` and passes them in; this module never reads the environment.
 
 A model step yields ``StepStart`` once the endpoint accepted the request, then
-``TextDelta`` / ``ReasoningDelta`` as they arrive, then ``StepFinish``. The turn
-ends with one ``Usage`` summed over its steps, when the endpoint reported usage.
+``TextDelta`` / ``ReasoningDelta`` / ``ToolInputStart`` / ``ToolInputDelta`` as they
+arrive, then, when the model called tools, ``ToolCall`` and ``ToolResult`` or
+``ToolFailed`` per call, then ``StepFinish``. With a tool registry the turn is a
+bounded loop: while the model calls tools and fewer than ``max_tool_steps`` steps
+ran tools, the calls run one after another (``ToolRegistry.call``: a failing tool is
+a tool error the model reads, never the end of the turn) and the model steps
+again; the step after the last allowed one is asked for an answer
+(``tool_choice="none"``). The turn ends with one ``Usage`` summed over its steps,
+when the endpoint reported usage.
 Every failure becomes a ``ModelError`` with a one-line message; on cancellation
 the HTTP response is closed, so the endpoint sees the client go away.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
-from dataclasses import dataclass
-from itertools import groupby
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import httpx
@@ -36,10 +45,21 @@ from turnrelay.runtime.base import (
     StepFinish,
     StepStart,
     TextDelta,
+    ToolCall,
+    ToolFailed,
+    ToolInputDelta,
+    ToolInputStart,
+    ToolResult,
     TurnContext,
     Usage,
 )
-from turnrelay.store.base import MessageRecord
+
+# Re-exported: other runtimes bound their history with the same estimate.
+from turnrelay.runtime.history import CHARS_PER_TOKEN as CHARS_PER_TOKEN
+from turnrelay.runtime.history import MESSAGE_OVERHEAD_TOKENS as MESSAGE_OVERHEAD_TOKENS
+from turnrelay.runtime.history import bound_history as bound_history
+from turnrelay.tools.base import ToolContext, session_directory
+from turnrelay.tools.registry import ToolOutcome, ToolRegistry
 
 if TYPE_CHECKING:
     import httpx2
@@ -48,10 +68,8 @@ if TYPE_CHECKING:
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 # Local servers ignore the key, but the SDK refuses to build a client without one.
 PLACEHOLDER_API_KEY = "unused"
-# Rough and provider-independent; the history bound needs no tokenizer.
-CHARS_PER_TOKEN = 4
-# What a message costs beyond its text (role and framing tokens).
-MESSAGE_OVERHEAD_TOKENS = 4
+# Tool-calling steps in one turn before the model is asked to answer without tools.
+DEFAULT_MAX_TOOL_STEPS = 8
 
 # Errors of the HTTP library while reading a body the SDK already handed over. The
 # SDK has used ``httpx`` and, from 3.x, ``httpx2``; the raw stream surfaces either.
@@ -60,27 +78,6 @@ with contextlib.suppress(ImportError):
     import httpx2 as _httpx2
 
     _STREAM_ERRORS += (_httpx2.HTTPError,)
-
-
-def bound_history(history: Iterable[MessageRecord], max_tokens: int) -> list[MessageRecord]:
-    """The newest whole turns of ``history`` that fit in ``max_tokens``, oldest first.
-
-    Turns are dropped oldest first and never split, so the model never sees an answer
-    without its question. Messages without text are left out.
-    """
-    turns = [
-        [m for m in group if m.content and m.role in ("user", "assistant")]
-        for _, group in groupby(history, key=lambda m: m.turn_id)
-    ]
-    kept: list[list[MessageRecord]] = []
-    budget = max_tokens
-    for turn in reversed(turns):
-        cost = sum(len(m.content) // CHARS_PER_TOKEN + MESSAGE_OVERHEAD_TOKENS for m in turn)
-        if cost > budget:
-            break
-        budget -= cost
-        kept.append(turn)
-    return [message for turn in reversed(kept) for message in turn]
 
 
 def build_messages(ctx: TurnContext) -> list[dict[str, Any]]:
@@ -95,13 +92,24 @@ def build_messages(ctx: TurnContext) -> list[dict[str, Any]]:
 
 
 @dataclass(slots=True)
+class _Call:
+    """A tool call as it streams in: ``arguments`` arrive in pieces."""
+
+    id: str
+    name: str
+    arguments: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class _StepResult:
-    """What one model call left behind, for the turn (and a future tool loop)."""
+    """What one model call left behind, for the turn and its tool loop."""
 
     finish_reason: str | None = None
     input_tokens: int = 0
     output_tokens: int = 0
     usage_reported: bool = False
+    text: list[str] = field(default_factory=list)
+    calls: dict[int, _Call] = field(default_factory=dict)
 
 
 class OpenAIRuntime:
@@ -115,11 +123,19 @@ class OpenAIRuntime:
         http_client: httpx2.AsyncClient | None = None,
         timeout: float = 600.0,
         max_retries: int = 2,
+        tools: ToolRegistry | None = None,
+        sandbox_dir: Path | None = None,
+        max_tool_steps: int = DEFAULT_MAX_TOOL_STEPS,
     ) -> None:
         """``http_client`` is the SDK's HTTP client type, owned by the caller (this
         runtime does not close it); ``max_retries`` applies before a response
-        starts, never to a stream that broke mid-way."""
+        starts, never to a stream that broke mid-way. ``tools`` are offered as
+        functions; ``sandbox_dir`` holds the sessions' working directories (see
+        ``session_directory``), which tools may read."""
         self.base_url = base_url or OPENAI_BASE_URL
+        self.tools = tools if tools is not None and len(tools) else None
+        self.sandbox_dir = sandbox_dir
+        self.max_tool_steps = max_tool_steps
         self._api_key = api_key or PLACEHOLDER_API_KEY
         self._http_client = http_client
         self.timeout = timeout
@@ -147,23 +163,84 @@ class OpenAIRuntime:
 
     async def run(self, ctx: TurnContext) -> AsyncGenerator[RuntimeEvent, None]:
         messages = build_messages(ctx)
-        step = _StepResult()
-        async for event in self._model_step(ctx.model.name, messages, step):
-            yield event
-        # A tool loop goes here: while step.finish_reason == "tool_calls" and the
-        # step budget allows, run the calls, append them to ``messages``, step again.
-        if step.usage_reported:
-            yield Usage(input_tokens=step.input_tokens, output_tokens=step.output_tokens)
+        functions = _functions(self.tools) if self.tools is not None else None
+        tool_context = self._tool_context(ctx)
+        usage = _StepResult()
+        tool_steps = 0
+        try:
+            while True:
+                step = _StepResult()
+                # Past the budget, tools stay declared (the history holds calls of
+                # them) but the model is asked to answer.
+                choice = None if functions is None or tool_steps < self.max_tool_steps else "none"
+                async for event in self._model_step(
+                    ctx.model.name, messages, step, functions, choice
+                ):
+                    yield event
+                usage.usage_reported |= step.usage_reported
+                usage.input_tokens += step.input_tokens
+                usage.output_tokens += step.output_tokens
+                if not step.calls or choice == "none":
+                    yield StepFinish()
+                    break
+                tool_steps += 1
+                calls = [step.calls[i] for i in sorted(step.calls)]
+                messages.append(_assistant_message(step, calls))
+                for call in calls:
+                    async for event in self._run_call(call, tool_context, messages):
+                        yield event
+                yield StepFinish()
+        except asyncio.CancelledError:
+            tool_context.cancelled.set()
+            raise
+        if usage.usage_reported:
+            yield Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
+
+    def _tool_context(self, ctx: TurnContext) -> ToolContext:
+        workdir = session_directory(self.sandbox_dir, ctx.session_id) if self.sandbox_dir else None
+        return ToolContext(ctx.user_id, ctx.session_id, ctx.turn_id, workdir)
+
+    async def _run_call(
+        self, call: _Call, context: ToolContext, messages: list[dict[str, Any]]
+    ) -> AsyncIterator[RuntimeEvent]:
+        raw = "".join(call.arguments)
+        try:
+            shown: Any = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            shown = raw
+        yield ToolCall(call.id, call.name, shown)
+        if self.tools is None:
+            outcome = ToolOutcome(False, error=f"No tools are offered; {call.name!r} is unknown.")
+        else:
+            outcome = await self.tools.call(call.name, raw, context)
+        yield (
+            ToolResult(call.id, outcome.output)
+            if outcome.ok
+            else ToolFailed(call.id, outcome.error)
+        )
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome.text})
 
     async def _model_step(
-        self, model: str, messages: list[dict[str, Any]], step: _StepResult
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        step: _StepResult,
+        functions: list[dict[str, Any]] | None = None,
+        tool_choice: str | None = None,
     ) -> AsyncIterator[RuntimeEvent]:
-        """One streamed model call; fills ``step`` as it goes."""
+        """One streamed model call; fills ``step`` as it goes. Ends without
+        ``StepFinish``: the caller runs the step's tool calls first."""
+        extra: dict[str, Any] = {}
+        if functions is not None:
+            extra["tools"] = functions
+            if tool_choice is not None:
+                extra["tool_choice"] = tool_choice
         request = self._client().chat.completions.with_streaming_response.create(
             model=model,
             messages=cast("list[ChatCompletionMessageParam]", messages),
             stream=True,
             stream_options={"include_usage": True},
+            **extra,
         )
         done = False
         chunks = 0
@@ -199,7 +276,31 @@ class OpenAIRuntime:
             ) from exc
         if not done and step.finish_reason is None:
             raise ModelError(f"the model stream ended early, after {chunks} chunks")
-        yield StepFinish()
+
+
+def _functions(tools: ToolRegistry) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {"name": name, "description": description, "parameters": schema},
+        }
+        for name, description, schema in tools.schemas()
+    ]
+
+
+def _assistant_message(step: _StepResult, calls: list[_Call]) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "content": "".join(step.text) or None,
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": "".join(call.arguments)},
+            }
+            for call in calls
+        ],
+    }
 
 
 async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -249,10 +350,36 @@ def _chunk_events(chunk: dict[str, Any], step: _StepResult) -> list[RuntimeEvent
             events.append(ReasoningDelta(reasoning))
         content = delta.get("content")
         if isinstance(content, str) and content:
+            step.text.append(content)
             events.append(TextDelta(content))
+        tool_calls = delta.get("tool_calls")
+        if tool_calls:
+            _tool_call_events(tool_calls, step, events)
         if choice.get("finish_reason"):
             step.finish_reason = str(choice["finish_reason"])
     return events
+
+
+def _tool_call_events(
+    tool_calls: list[dict[str, Any]], step: _StepResult, events: list[RuntimeEvent]
+) -> None:
+    """Tool call pieces: the first of a call names it (and has its id, where the
+    server gives one); the rest add to its arguments."""
+    for piece in tool_calls:
+        if not isinstance(piece, dict):
+            continue
+        index = int(piece.get("index") or 0)
+        function = piece.get("function") or {}
+        call = step.calls.get(index)
+        if call is None:
+            call_id = str(piece.get("id") or f"call_{uuid.uuid4().hex}")
+            call = _Call(call_id, str(function.get("name") or ""))
+            step.calls[index] = call
+            events.append(ToolInputStart(call.id, call.name))
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            call.arguments.append(arguments)
+            events.append(ToolInputDelta(call.id, arguments))
 
 
 def _status_message(exc: openai.APIStatusError) -> str:
