@@ -208,6 +208,7 @@ function renderSessions() {
 }
 
 async function deleteSession(sid) {
+  if (sid === state.sessionId) stopFollowing(); // its stream is about to end anyway
   try {
     await call("DELETE", `/sessions/${sid}`);
   } catch (err) {
@@ -437,6 +438,7 @@ async function afterTurn(sid, finishedTurnId) {
     if (state.sessionId !== sid || state.follow) return;
     if (detail.active_turn && detail.active_turn.turn_id !== finishedTurnId) showSession(detail);
   } catch (err) {
+    if (state.sessionId !== sid || (err instanceof ApiError && err.status === 404)) return;
     report(err);
   }
 }

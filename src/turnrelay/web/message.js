@@ -173,10 +173,12 @@ export class AssistantMessage {
       case "data-turn-retry":
         // A new attempt writes the answer again from the start (fresh part ids),
         // and only that attempt is stored: drop what the interrupted one wrote.
-        this.parts = [];
-        this._views.forEach((v) => v.root.remove());
-        this._views.clear();
+        this._clearParts();
         this.setNotice(`The turn was interrupted; retrying (attempt ${c.data?.attempt ?? "?"})…`);
+        break;
+      case "data-stream-reset":
+        // The event log lost this turn's frames and starts it again from scratch.
+        this._clearParts();
         break;
       case "error":
         this.setError(c.errorText || "The turn failed.");
@@ -205,6 +207,13 @@ export class AssistantMessage {
     this._frame = 0;
     for (const p of this._dirty) this._render(p);
     this._dirty.clear();
+  }
+
+  _clearParts() {
+    this.parts = [];
+    this._dirty.clear();
+    this._views.forEach((v) => v.root.remove());
+    this._views.clear();
   }
 
   _add(part) {
