@@ -89,23 +89,28 @@ class TurnControl:
                 multitask=multitask,
                 max_running_per_user=self.settings.max_running_turns_per_user,
                 max_queued_per_session=self.settings.max_queued_turns_per_session,
+                dispatch_if_idle=True,
             )
         )
         if not result.created:
             return result
         self.metrics.turns_submitted.inc()
-        if multitask is Multitask.INTERRUPT:
+        if result.turn.dispatched:  # it is the session's head: hand it over now
+            await self._publish(result.turn)
+        elif multitask is Multitask.INTERRUPT:
             for turn in result.earlier_active:
                 await self._stop(turn)
-        await self.publish_head(session_id)
         return result
 
     async def publish_head(self, session_id: str) -> None:
-        """Publish the session's head turn if none is in flight; a failed publish
-        fails that turn (terminal CAS, terminal frames) and raises ``PublishFailed``."""
+        """Publish the session's head turn if none is in flight."""
         head = await self.store.dispatch_next(session_id)
-        if head is None:
-            return
+        if head is not None:
+            await self._publish(head)
+
+    async def _publish(self, head: TurnRecord) -> None:
+        """A failed publish fails the turn (terminal CAS, terminal frames) and
+        raises ``PublishFailed``."""
         try:
             await self.queue.publish(TurnMessage(head.id, head.session_id))
         except TurnrelayError as exc:

@@ -14,8 +14,9 @@
         ▼
     terminal CAS ──won──▶ terminal frames ─▶ release lease ─▶ dispatch next ─▶ ack
 
-The ack comes last (``ACK_AFTER_PERSIST``): if this process dies anywhere
-before it, the broker redelivers and the rules above make the redelivery safe.
+The ack comes last, after the terminal state and frames are persisted: if this
+process dies anywhere before it, the broker redelivers and the rules above make
+the redelivery safe.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
+from enum import Enum
 
 from turnrelay.errors import (
     BackendUnavailable,
@@ -47,6 +49,12 @@ from turnrelay.settings import ModelRef, Settings
 from turnrelay.store.base import ChatStore, TurnOutcome, TurnRecord, TurnStatus
 
 log = logging.getLogger(__name__)
+
+
+class _Outcome(Enum):
+    DONE = "done"  # terminal (now or before): dispatch the next turn, ack
+    RETRY = "retry"  # the turn changed under us: look again after a delay
+    ABANDONED = "abandoned"  # stopped for shutdown: leave the message unacked
 
 
 class TurnRunner:
@@ -91,6 +99,8 @@ class TurnRunner:
             await delivery.ack()  # its session was deleted
             return
         if not turn.status.active:
+            # Delivered again after it ended: make sure its stream is closed
+            # (its owner may have died between the CAS and the frames), then drop.
             await close_stream(self.events, turn, self.settings.stream_retention)
             await self._dispatch_next(turn.session_id)
             await delivery.ack()
@@ -100,11 +110,14 @@ class TurnRunner:
             await delivery.requeue(self.settings.requeue_delay)
             return
         try:
-            shutting_down = await self._run_leased(turn.id, key)
+            outcome = await self._run_leased(turn, key)
         finally:
             with contextlib.suppress(TurnrelayError):
                 await self.lease.release(key, self.owner)
-        if shutting_down:
+        if outcome is _Outcome.RETRY:
+            await delivery.requeue(self.settings.requeue_delay)
+            return
+        if outcome is _Outcome.ABANDONED:
             return  # not acked: the broker hands it to another executor
         await self._dispatch_next(turn.session_id)
         await delivery.ack()
@@ -114,11 +127,7 @@ class TurnRunner:
         if head is not None:
             await self.queue.publish(TurnMessage(head.id, head.session_id))
 
-    async def _run_leased(self, turn_id: str, key: str) -> bool:
-        turn = await self.store.get_turn(turn_id)  # fresh, now that we hold the lease
-        if not turn.status.active:
-            await close_stream(self.events, turn, self.settings.stream_retention)
-            return False
+    async def _run_leased(self, turn: TurnRecord, key: str) -> _Outcome:
         if turn.status is TurnStatus.RUNNING and turn.attempt >= self.settings.max_attempts:
             outcome = TurnOutcome(
                 TurnStatus.FAILED,
@@ -128,11 +137,17 @@ class TurnRunner:
                 done = await self.store.get_turn(turn.id)
                 await close_stream(self.events, done, self.settings.stream_retention)
                 self.metrics.turn_finished(done.status.value, None)
-            return False
+            return _Outcome.DONE
+        # The CAS on the attempt we read catches any change since that read.
         started = await self.store.start_turn(turn.id, turn.attempt)
         if started is None:
-            return False  # someone else moved it on; the redelivery rules apply next time
-        return await self._attempt(started, key)
+            current = await self.store.get_turn(turn.id)
+            if current.status.active:
+                return _Outcome.RETRY
+            await close_stream(self.events, current, self.settings.stream_retention)
+            return _Outcome.DONE
+        abandoned = await self._attempt(started, key)
+        return _Outcome.ABANDONED if abandoned else _Outcome.DONE
 
     async def _attempt(self, turn: TurnRecord, key: str) -> bool:
         """Run one attempt; returns True when it was abandoned for shutdown."""

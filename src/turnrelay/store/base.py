@@ -94,6 +94,10 @@ class NewTurn:
     multitask: Multitask = Multitask.ENQUEUE
     max_running_per_user: int = 5
     max_queued_per_session: int = 10
+    # Mark the new turn dispatched in the same transaction when the session has
+    # no other active turn (it is the head): saves the API a second transaction
+    # before it publishes.
+    dispatch_if_idle: bool = False
 
 
 @dataclass(frozen=True, slots=True)
