@@ -100,9 +100,25 @@ def build_runtimes(settings: Settings) -> dict[str, AgentRuntime]:
                 sandbox_dir=sandbox,
                 max_tool_steps=settings.max_tool_steps,
             )
+        elif provider == "claude":
+            from turnrelay.runtime.claude import ClaudeRuntime
+
+            runtimes["claude"] = ClaudeRuntime(
+                sandbox_dir=sandbox,
+                tools=tools,
+                base_url=os.environ.get("ANTHROPIC_BASE_URL"),
+                api_key=os.environ.get("ANTHROPIC_API_KEY"),
+                auth_token=os.environ.get("ANTHROPIC_AUTH_TOKEN"),
+                cli_tools=settings.claude_tools,
+                max_tool_steps=settings.max_tool_steps,
+                # The CLI inherits this process's environment: blank turnrelay's
+                # own secrets (database, broker, API keys) so no tool can read them.
+                env={k: "" for k in os.environ if k.startswith("TURNRELAY_")},
+            )
         else:
             raise ConfigError(
-                f"unknown model provider {provider!r}: this build supports `openai:` "
+                f"unknown model provider {provider!r}: this build supports `claude:` "
+                "(the Claude Code CLI, via ANTHROPIC_BASE_URL) and `openai:` "
                 "(any OpenAI-compatible endpoint via OPENAI_BASE_URL)"
             )
     return runtimes
