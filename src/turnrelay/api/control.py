@@ -149,8 +149,9 @@ class TurnControl:
                 # It may have been the dispatched head: let the next one go.
                 await self.publish_head(turn.session_id)
                 return True
-        await self.store.request_cancel(turn.id)
-        await self.queue.publish_cancel(turn.id)
+        # The broadcast is the fast path; the flag in the database reaches an
+        # executor that missed it (its heartbeat reads it). Neither waits for the other.
+        await asyncio.gather(self.store.request_cancel(turn.id), self.queue.publish_cancel(turn.id))
         return False
 
     async def _wait_terminal(self, turn_id: str, timeout: float) -> bool:
