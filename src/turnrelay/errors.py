@@ -30,7 +30,8 @@ codes in one table (``turnrelay.api.errors``); each class carries its default
     ├── StaleWriter                  a fenced write lost to a newer writer (event log seq, lease)
     ├── SchemaOutOfDate              the database needs ``turnrelay migrate``
     └── RuntimeFailure               the model or a tool failed during a turn
-        └── ModelError
+        ├── ModelError
+        └── ToolError                a tool's own clean failure (``turnrelay.tools.base``)
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,8 +22,19 @@ from tests.procs import SSE, FakeLLMProc, Proc, free_port, iter_sse, read_sse, s
 pytestmark = pytest.mark.slow
 
 
+def require_claude_sdk() -> None:
+    """The `claude` extra carries the bundled CLI: skip locally, fail under CI."""
+    if importlib.util.find_spec("claude_agent_sdk") is not None:
+        return
+    message = "claude-agent-sdk is not installed: pip install -e '.[claude]'"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="module")
 def claude_server(tmp_path_factory: pytest.TempPathFactory, llm: FakeLLMProc) -> Iterator[Proc]:
+    require_claude_sdk()
     tmp = tmp_path_factory.mktemp("serve-claude")
     home = tmp / "home"
     home.mkdir()
