@@ -1,4 +1,4 @@
-"""``turnrelay`` command line: serve, api, executor, migrate, fake-llm.
+"""``turnrelay`` command line: serve, api, executor, migrate, fake-llm, chat.
 
 Settings are loaded here, once, and passed down.
 """
@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -43,19 +44,28 @@ def _is_loopback(host: str) -> bool:
             return False
 
 
-def _check_serving(settings: Settings, host: str) -> None:
+def _check_serving(settings: Settings, host: str) -> Settings:
+    """The settings to serve with: with no model configured, the bundled local
+    model when its extra is installed."""
     if not settings.user_tokens() and not _is_loopback(host):
         raise ConfigError(
             f"refusing to listen on {host}: without TURNRELAY_API_KEYS every caller is the "
             "same local user. Set TURNRELAY_API_KEYS=token=user_id,… or use --host 127.0.0.1."
         )
-    if not settings.model:
-        raise ConfigError(
-            "no model configured. Set TURNRELAY_MODEL=openai:<model> with OPENAI_API_KEY "
-            "(and OPENAI_BASE_URL for OpenRouter, vLLM, Ollama or llama.cpp), or try "
-            "`turnrelay fake-llm` with TURNRELAY_MODEL=openai:fake "
-            "OPENAI_BASE_URL=http://127.0.0.1:8099/v1."
-        )
+    if settings.model:
+        return settings
+    from turnrelay.runtime.local import DEFAULT_MODEL, INSTALL_HINT, local_available
+
+    if local_available():
+        log.info("no TURNRELAY_MODEL set: using the bundled %s (runs on this CPU)", DEFAULT_MODEL)
+        return settings.model_copy(update={"model": DEFAULT_MODEL})
+    raise ConfigError(
+        "no model configured. Set TURNRELAY_MODEL=openai:<model> with OPENAI_API_KEY "
+        "(and OPENAI_BASE_URL for OpenRouter, vLLM, Ollama or llama.cpp), or run a small "
+        f"model on this machine with no key: {INSTALL_HINT}. To try the plumbing only: "
+        "`turnrelay fake-llm` with TURNRELAY_MODEL=openai:fake "
+        "OPENAI_BASE_URL=http://127.0.0.1:8099/v1."
+    )
 
 
 def _http_server(services: Services, host: str, port: int) -> uvicorn.Server:
@@ -224,8 +234,33 @@ def main(argv: list[str] | None = None) -> None:
     p_fake.add_argument("--host", default="127.0.0.1")
     p_fake.add_argument("--port", type=int, default=8099)
     p_fake.add_argument("--record", metavar="FILE", help="append each request body to FILE")
+    p_chat = sub.add_parser(
+        "chat",
+        help="chat with a running server in this terminal",
+        description="Stream a reply in the terminal. Without a message: an interactive "
+        "loop. Ctrl-C during a reply stops the turn.",
+    )
+    p_chat.add_argument("message", nargs="?", help="send this one message, print the reply")
+    p_chat.add_argument(
+        "--url",
+        default=os.environ.get("TURNRELAY_URL", "http://127.0.0.1:8000"),
+        help="the server (env TURNRELAY_URL; default %(default)s)",
+    )
+    p_chat.add_argument(
+        "--token",
+        default=os.environ.get("TURNRELAY_TOKEN"),
+        help="bearer token, one of TURNRELAY_API_KEYS (env TURNRELAY_TOKEN)",
+    )
+    p_chat.add_argument("--session", help="continue this session instead of a new one")
+    p_chat.add_argument("--model", help="provider:model, one the server allows")
     args = parser.parse_args(argv)
 
+    if args.command == "chat":
+        from turnrelay import chat_client
+
+        sys.exit(
+            chat_client.run(args.url, args.token, args.session, args.message, model=args.model)
+        )
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -237,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings()
         if args.command == "serve":
-            _check_serving(settings, args.host)
+            settings = _check_serving(settings, args.host)
             asyncio.run(_serve(settings, args.host, args.port))
         elif args.command == "api":
             asyncio.run(_api(settings, args.host, args.port))

@@ -101,7 +101,13 @@ def build_runtimes(settings: Settings) -> dict[str, AgentRuntime]:
                 max_tool_steps=settings.max_tool_steps,
             )
         elif provider == "claude":
-            from turnrelay.runtime.claude import ClaudeRuntime
+            try:
+                from turnrelay.runtime.claude import ClaudeRuntime
+            except ImportError as exc:
+                raise ConfigError(
+                    "the `claude` runtime needs the claude-agent-sdk package, which bundles "
+                    "the Claude Code CLI: pip install 'turnrelay[claude]'"
+                ) from exc
 
             runtimes["claude"] = ClaudeRuntime(
                 sandbox_dir=sandbox,
@@ -115,11 +121,22 @@ def build_runtimes(settings: Settings) -> dict[str, AgentRuntime]:
                 # own secrets (database, broker, API keys) so no tool can read them.
                 env={k: "" for k in os.environ if k.startswith("TURNRELAY_")},
             )
+        elif provider == "local":
+            from turnrelay.runtime.local import LocalRuntime, find_gguf
+
+            names = {
+                r.name
+                for r in map(ModelRef.parse, settings.allowed_models())
+                if r.provider == "local"
+            }
+            if len(names) > 1:
+                raise ConfigError(f"one local model at a time, got {sorted(names)}")
+            runtimes["local"] = LocalRuntime(find_gguf(names.pop()))
         else:
             raise ConfigError(
                 f"unknown model provider {provider!r}: this build supports `claude:` "
-                "(the Claude Code CLI, via ANTHROPIC_BASE_URL) and `openai:` "
-                "(any OpenAI-compatible endpoint via OPENAI_BASE_URL)"
+                "(the Claude Code CLI, via ANTHROPIC_BASE_URL), `openai:` "
+                "(any OpenAI-compatible endpoint via OPENAI_BASE_URL) and `local:smollm2`"
             )
     return runtimes
 

