@@ -28,6 +28,7 @@ codes in one table (``turnrelay.api.errors``); each class carries its default
     ├── BackendUnavailable      503  a broker/database/redis/storage is unreachable
     │   └── PublishFailed
     ├── StaleWriter                  a fenced write lost to a newer writer (event log seq, lease)
+    ├── LogLost                      a turn's event log vanished under its writer (Redis lost data)
     ├── SchemaOutOfDate              the database needs ``turnrelay migrate``
     └── RuntimeFailure               the model or a tool failed during a turn
         ├── ModelError
@@ -140,6 +141,10 @@ class PublishFailed(BackendUnavailable):
 
 class StaleWriter(TurnrelayError):
     code = "stale_writer"
+
+
+class LogLost(TurnrelayError):
+    code = "log_lost"
 
 
 class SchemaOutOfDate(TurnrelayError):

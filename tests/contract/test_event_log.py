@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from turnrelay.clock import ManualClock
-from turnrelay.errors import BackendUnavailable, NotFound, StaleWriter
+from turnrelay.errors import BackendUnavailable, LogLost, NotFound, StaleWriter
 from turnrelay.events.base import EventLog, Frame, LogInfo
 from turnrelay.events.memory import MemoryEventLog
 from turnrelay.events.redis import RedisEventLog
@@ -155,6 +155,20 @@ async def test_stale_or_disordered_batch_is_refused_whole(
     assert await log.info("t1") == LogInfo(first_seq=1, last_seq=3, terminal=False)
     await log.append("t1", frames(4))  # the rightful writer continues
     assert (await log.info("t1")).last_seq == 4
+
+
+async def test_append_mid_sequence_to_a_missing_log_is_log_lost(harness: Harness) -> None:
+    log = harness.log
+    await log.append("t1", frames(1, 2, 3))
+    await log.delete("t1")  # as after a Redis restart without persistence
+    with pytest.raises(LogLost):
+        await log.append("t1", frames(4))
+    with pytest.raises(NotFound):
+        await log.info("t1")  # nothing was written
+    await log.append("t1", frames(4, 5), restart=True)  # the writer knows: restart here
+    assert await log.info("t1") == LogInfo(first_seq=4, last_seq=5, terminal=False)
+    await log.append("t2", frames(1))  # a new log starts at 1 without ceremony
+    await log.append("t2", frames(2))
 
 
 async def test_empty_batch_is_a_no_op(harness: Harness) -> None:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import StreamingResponse
 
 from turnrelay.api.hub import StreamClosed, StreamHub
+from turnrelay.errors import TurnrelayError
 from turnrelay.events.base import Frame
 from turnrelay.metrics import Metrics
 
@@ -56,8 +57,10 @@ async def turn_frames(
             while True:
                 try:
                     frame = await sub.next(heartbeat)
-                except StreamClosed:
-                    return  # no [DONE]: the client resumes with its cursor elsewhere
+                except (StreamClosed, TurnrelayError):
+                    # No [DONE]: the client resumes with its cursor (here once the
+                    # event log is back, or on another replica).
+                    return
                 if frame is None:
                     yield PING
                     continue

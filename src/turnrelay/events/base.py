@@ -6,6 +6,11 @@ greater than the log's last one raises ``StaleWriter`` (in Redis the explicit
 entry id ``0-<seq>`` gives this for free), so a writer that lost its lease can
 never interleave frames with the new owner.
 
+Continuity is fenced too: appending a frame with ``seq > 1`` to a log that does
+not exist raises ``LogLost`` (Redis restarted without its data, or the log
+expired), unless ``restart=True`` says the writer knows and is restarting the
+log mid-sequence (with a ``data-stream-reset`` frame first).
+
 The frame whose chunk type is ``finish`` ends the turn's stream; readers stop
 after it. A log ``expire``s ``retention`` seconds after the turn ends; the
 executor's heartbeat ``touch``es it meanwhile so a long silent tool call never
@@ -40,10 +45,11 @@ class EventLog(Protocol):
 
     async def shutdown(self) -> None: ...
 
-    async def append(self, turn_id: str, frames: Sequence[Frame]) -> None:
+    async def append(self, turn_id: str, frames: Sequence[Frame], *, restart: bool = False) -> None:
         """Append frames in order. Raises ``StaleWriter`` if a ``seq`` is not
-        greater than the last one already logged, ``BackendUnavailable`` when the
-        backend cannot be reached."""
+        greater than the last one already logged, ``LogLost`` if the log is gone
+        mid-sequence (see above), ``BackendUnavailable`` when the backend cannot
+        be reached."""
         ...
 
     async def info(self, turn_id: str) -> LogInfo:

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from turnrelay.clock import Clock, SystemClock
-from turnrelay.errors import NotFound, StaleWriter
+from turnrelay.errors import LogLost, NotFound, StaleWriter
 from turnrelay.events.base import Frame, LogInfo
 
 
@@ -58,10 +58,12 @@ class MemoryEventLog:
             return None
         return log
 
-    async def append(self, turn_id: str, frames: Sequence[Frame]) -> None:
+    async def append(self, turn_id: str, frames: Sequence[Frame], *, restart: bool = False) -> None:
         if not frames:
             return
         log = self._live(turn_id)
+        if log is None and frames[0].seq > 1 and not restart:
+            raise LogLost(f"turn {turn_id}: the event log is gone before seq {frames[0].seq}")
         _check_batch(turn_id, frames, log.frames[-1].seq if log and log.frames else 0)
         if log is None:
             log = self._logs[turn_id] = _Log()

@@ -6,7 +6,10 @@ entry with the explicit id ``0-<seq>`` and the fields ``d`` (the chunk's JSON)
 and ``t`` (``"1"`` on the terminal frame only). Redis refuses an ``XADD`` whose id
 is not above the stream's top id, which is the fence against a stale writer.
 
-A batch is appended by one Lua script (one round trip, atomic): its frames are
+A batch is appended by one Lua script (one round trip, atomic). It refuses a
+batch starting above seq 1 on a stream that does not exist (``LogLost``: Redis
+restarted empty under a running turn) unless the writer says it is restarting
+the log. Its frames are
 checked to be increasing before sending, so only the first ``XADD`` can hit the
 fence, and when it does nothing of the batch is written. A plain pipeline would
 let the tail of a stale batch land after a newer writer's frames.
@@ -35,7 +38,7 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from turnrelay.errors import BackendUnavailable, NotFound, StaleWriter
+from turnrelay.errors import BackendUnavailable, LogLost, NotFound, StaleWriter
 from turnrelay.events.base import Frame, LogInfo
 
 T = TypeVar("T")
@@ -49,8 +52,11 @@ CONNECT_TIMEOUT = 5.0
 BLOCK_GRACE = 5.0
 
 _APPEND = """
+if ARGV[2] ~= '1' and tonumber(ARGV[3]) > 1 and redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('LOGLOST the event log is gone')
+end
 local n = 0
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   if ARGV[i + 2] == '1' then
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-' .. ARGV[i], 'd', ARGV[i + 1], 't', '1')
   else
@@ -149,7 +155,7 @@ class RedisEventLog:
             raise RuntimeError("RedisEventLog used before startup()")
         return self._client
 
-    async def append(self, turn_id: str, frames: Sequence[Frame]) -> None:
+    async def append(self, turn_id: str, frames: Sequence[Frame], *, restart: bool = False) -> None:
         if not frames:
             return
         previous = 0
@@ -159,7 +165,7 @@ class RedisEventLog:
                     f"turn {turn_id}: frame seq {frame.seq} is not greater than {previous}"
                 )
             previous = frame.seq
-        args: list[str | int] = [self._maxlen]
+        args: list[str | int] = [self._maxlen, "1" if restart else "0"]
         for frame in frames:
             args += [frame.seq, frame.data, "1" if frame.terminal else "0"]
         if self._append_script is None:
@@ -168,6 +174,10 @@ class RedisEventLog:
             try:
                 await self._append_script(keys=[self.key(turn_id)], args=args)
             except rexc.ResponseError as exc:
+                if "LOGLOST" in str(exc):
+                    raise LogLost(
+                        f"turn {turn_id}: the event log is gone before seq {frames[0].seq}"
+                    ) from exc
                 if "equal or smaller" not in str(exc):
                     raise
                 raise StaleWriter(

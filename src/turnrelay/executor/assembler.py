@@ -33,6 +33,7 @@ from turnrelay.runtime.base import (
 class Assembler:
     def __init__(self) -> None:
         self.parts: list[dict[str, Any]] = []
+        self._ids: list[str] = []  # each part's stream id ("" for a step boundary)
         self.usage: dict[str, int] | None = None
         self._open_kind: str | None = None  # "text" | "reasoning"
         self._open_id = ""
@@ -102,6 +103,44 @@ class Assembler:
                 }
         return out
 
+    def snapshot(self) -> list[Chunk]:
+        """Chunks that rebuild the message so far, with the same part ids, the
+        open part left open (for a restarted event log)."""
+        out: list[Chunk] = []
+        step_open = False
+        for part, pid in zip(self.parts, self._ids, strict=True):
+            kind = part["type"]
+            if kind == "step-start":
+                if step_open:
+                    out.append(chunks.finish_step())
+                out.append(chunks.start_step())
+                step_open = True
+            elif kind == "text":
+                out.append(chunks.text_start(pid))
+                if part["text"]:
+                    out.append(chunks.text_delta(pid, part["text"]))
+                if part is not self._open_part:
+                    out.append(chunks.text_end(pid))
+            elif kind == "reasoning":
+                out.append(chunks.reasoning_start(pid))
+                if part["text"]:
+                    out.append(chunks.reasoning_delta(pid, part["text"]))
+                if part is not self._open_part:
+                    out.append(chunks.reasoning_end(pid))
+            else:
+                name = kind.removeprefix("tool-")
+                if part["state"] == "input-streaming":
+                    out.append(chunks.tool_input_start(pid, name))
+                    continue
+                out.append(chunks.tool_input_available(pid, name, part["input"]))
+                if part["state"] == "output-available":
+                    out.append(chunks.tool_output_available(pid, part["output"]))
+                elif part["state"] == "output-error":
+                    out.append(chunks.tool_output_error(pid, part["errorText"]))
+        if step_open and not self._in_step:
+            out.append(chunks.finish_step())
+        return out
+
     def close(self) -> list[Chunk]:
         """Chunks that end whatever is still open (before the terminal chunks)."""
         out: list[Chunk] = []
@@ -114,6 +153,7 @@ class Assembler:
         if not self._in_step:
             self._in_step = True
             self.parts.append({"type": "step-start"})
+            self._ids.append("")
             out.append(chunks.start_step())
 
     def _close_step(self, out: list[Chunk]) -> None:
@@ -130,6 +170,7 @@ class Assembler:
         self._open_id = uuid.uuid4().hex
         self._open_part = {"type": kind, "text": "", "state": "streaming"}
         self.parts.append(self._open_part)
+        self._ids.append(self._open_id)
         out.append(
             chunks.text_start(self._open_id)
             if kind == "text"
@@ -160,6 +201,7 @@ class Assembler:
             }
             self._tools[call_id] = part
             self.parts.append(part)
+            self._ids.append(call_id)
         return part
 
 

@@ -11,19 +11,35 @@ model costs nothing extra.
 last frame (a retried attempt continues the sequence). A ``StaleWriter`` from
 the log means another executor owns the turn now: the writer stops and
 re-raises it to whoever flushes next.
+
+Redis may restart empty under a running turn. Appends are retried while the
+log is unreachable (``OUTAGE_BUDGET``), checking first whether the last write
+landed after all; and when the log turns out to be gone (``LogLost``), the
+writer restarts it at the next ``seq`` with a ``data-stream-reset`` frame and
+a snapshot of the message so far, so a reader that was caught up rebuilds the
+message, and older cursors answer 410.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 from collections.abc import Callable
 
+from turnrelay.errors import BackendUnavailable, LogLost, NotFound
 from turnrelay.events import chunks as wire
 from turnrelay.events.base import EventLog, Frame
 from turnrelay.events.chunks import Chunk
 
+log = logging.getLogger(__name__)
+
 _COALESCE = {"text-delta", "reasoning-delta"}
+_CLOSING = {"error", "abort", "finish"}
+# How long a writer keeps retrying while the log is unreachable before it gives
+# up (and the turn fails): about a Redis restart, well under the lease TTL x 4.
+OUTAGE_BUDGET = 30.0
 
 
 class FrameWriter:
@@ -34,6 +50,7 @@ class FrameWriter:
         next_seq: int,
         *,
         on_written: Callable[[int], None] | None = None,
+        snapshot: Callable[[], list[Chunk]] | None = None,
     ) -> None:
         self._log = log
         self._turn_id = turn_id
@@ -45,6 +62,8 @@ class FrameWriter:
         self._error: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
         self._on_written = on_written
+        # The chunks that rebuild the message so far (for a restarted log).
+        self._snapshot = snapshot
 
     @property
     def last_seq(self) -> int:
@@ -94,19 +113,68 @@ class FrameWriter:
             self._wakeup.clear()
             batch, self._buffer = self._buffer, []
             if batch:
-                frames = []
-                for chunk in batch:
-                    frames.append(
-                        Frame(self._next_seq, wire.encode(chunk), chunk["type"] == wire.FINISH)
-                    )
-                    self._next_seq += 1
+                frames = self._number(batch)
                 try:
-                    await self._log.append(self._turn_id, frames)
+                    await self._append(frames)
                 except Exception as exc:  # the writer is dead; flush() reports it
                     self._error = exc
                     self._idle.set()
                     return
-                if self._on_written is not None:
-                    self._on_written(len(frames))
             if not self._buffer:
                 self._idle.set()
+
+    def _number(self, batch: list[Chunk]) -> list[Frame]:
+        frames = []
+        for chunk in batch:
+            frames.append(Frame(self._next_seq, wire.encode(chunk), chunk["type"] == wire.FINISH))
+            self._next_seq += 1
+        return frames
+
+    async def _append(self, frames: list[Frame], *, restart: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + OUTAGE_BUDGET
+        delay = 0.1
+        while True:
+            try:
+                await self._log.append(self._turn_id, frames, restart=restart)
+                break
+            except LogLost:
+                if restart or self._snapshot is None:
+                    raise
+                await self._restart(frames)
+                return
+            except BackendUnavailable:
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                try:
+                    info = await self._log.info(self._turn_id)
+                except NotFound:
+                    if frames[0].seq > 1 and not restart:
+                        if self._snapshot is None:
+                            raise LogLost(f"turn {self._turn_id}: event log lost") from None
+                        await self._restart(frames)
+                        return
+                    continue
+                except BackendUnavailable:
+                    continue
+                if info.last_seq >= frames[-1].seq:
+                    break  # the write landed before the connection broke
+        if self._on_written is not None:
+            self._on_written(len(frames))
+
+    async def _restart(self, lost: list[Frame]) -> None:
+        """The log vanished: start it again where ``lost`` should have gone, with a
+        reset and a snapshot of the message so far. The snapshot already holds
+        every content chunk fed so far (the lost batch and the buffer); only the
+        closing chunks (``error``, ``abort``, ``finish``) are carried over."""
+        assert self._snapshot is not None
+        seq = lost[0].seq
+        log.warning("turn %s: event log lost; restarting it at seq %d", self._turn_id, seq)
+        pending = [json.loads(f.data) for f in lost] + self._buffer
+        self._buffer = []
+        closing = [c for c in pending if c["type"] in _CLOSING]
+        self._next_seq = seq
+        rebuilt = [wire.data("stream-reset", {"seq": seq}, transient=True), *self._snapshot()]
+        await self._append(self._number([*rebuilt, *closing]), restart=True)

@@ -155,7 +155,14 @@ class TurnRunner:
             last = (await self.events.info(turn.id)).last_seq
         except NotFound:
             last = 0
-        writer = FrameWriter(self.events, turn.id, last + 1, on_written=self.metrics.frames_written)
+        assembler = Assembler()
+        writer = FrameWriter(
+            self.events,
+            turn.id,
+            last + 1,
+            on_written=self.metrics.frames_written,
+            snapshot=lambda: [chunks.start(turn.assistant_message_id), *assembler.snapshot()],
+        )
         if last == 0:
             writer.add(chunks.start(turn.assistant_message_id))
         else:
@@ -164,7 +171,6 @@ class TurnRunner:
         # the heartbeat extends it while the turn runs.
         await writer.flush()
         await self.events.touch(turn.id, self.settings.stream_retention)
-        assembler = Assembler()
         loop = asyncio.get_running_loop()
         began = loop.time()
         task = asyncio.create_task(self._drive(turn, assembler, writer), name=f"turn:{turn.id}")
@@ -240,9 +246,10 @@ class TurnRunner:
         )
         # aclosing: on cancel or timeout the runtime's generator is closed at once,
         # so it closes the model's HTTP stream or ends its child process.
-        async with asyncio.timeout(self.settings.turn_timeout), contextlib.aclosing(
-            runtime.run(ctx)
-        ) as events:
+        async with (
+            asyncio.timeout(self.settings.turn_timeout),
+            contextlib.aclosing(runtime.run(ctx)) as events,
+        ):
             async for event in events:
                 writer.add(*assembler.feed(event))
         await writer.flush()
