@@ -296,9 +296,11 @@ class LocalRuntime:
                     finish_reason = choice.get("finish_reason") or finish_reason
             finally:
                 stream.close()
-            # The stream reports no usage. After a generation that ended on the
-            # end-of-turn token the context holds exactly the prompt and the reply.
-            input_tokens = max(0, int(llm.n_tokens) - output_tokens)
+            # The stream reports no usage. The context now holds the prompt and the
+            # reply, less the reply's last token when the reply hit ``max_tokens``
+            # (llama.cpp samples it but never evaluates it).
+            evaluated = output_tokens - 1 if finish_reason == "length" else output_tokens
+            input_tokens = max(0, int(llm.n_tokens) - evaluated)
             emit(_Done(finish_reason, input_tokens, output_tokens))
         except Exception as exc:
             emit(_Failed(exc))
