@@ -113,7 +113,9 @@ class ChatRoutes:
             if turn.status.active and after == 0:
                 return  # not started yet: the reader waits for its first frame
             raise Gone(f"the stream of turn {turn.id} has expired") from None
-        if after > info.last_seq or (info.first_seq > 1 and after < info.first_seq - 1):
+        if after == 0:
+            return  # from the first frame there is (a restarted log begins with a reset)
+        if after > info.last_seq or after < info.first_seq - 1:
             raise Gone(f"cursor {turn.id}:{after} is no longer in the stream")
 
     def _stream(self, turn_id: str, after: int) -> Response:

@@ -51,6 +51,7 @@ class FrameWriter:
         *,
         on_written: Callable[[int], None] | None = None,
         snapshot: Callable[[], list[Chunk]] | None = None,
+        restart: bool = False,
     ) -> None:
         self._log = log
         self._turn_id = turn_id
@@ -64,6 +65,8 @@ class FrameWriter:
         self._on_written = on_written
         # The chunks that rebuild the message so far (for a restarted log).
         self._snapshot = snapshot
+        # The first append starts a new log mid-sequence (see EventLog.append).
+        self._restart_next = restart
 
     @property
     def last_seq(self) -> int:
@@ -115,7 +118,8 @@ class FrameWriter:
             if batch:
                 frames = self._number(batch)
                 try:
-                    await self._append(frames)
+                    await self._append(frames, restart=self._restart_next)
+                    self._restart_next = False
                 except Exception as exc:  # the writer is dead; flush() reports it
                     self._error = exc
                     self._idle.set()

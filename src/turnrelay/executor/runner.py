@@ -50,6 +50,9 @@ from turnrelay.store.base import ChatStore, TurnOutcome, TurnRecord, TurnStatus
 
 log = logging.getLogger(__name__)
 
+# A retry whose log was lost starts its frames at (attempt - 1) * SEQ_EPOCH + 1.
+SEQ_EPOCH = 1_000_000
+
 
 class _Outcome(Enum):
     DONE = "done"  # terminal (now or before): dispatch the next turn, ack
@@ -152,9 +155,14 @@ class TurnRunner:
     async def _attempt(self, turn: TurnRecord, key: str) -> bool:
         """Run one attempt; returns True when it was abandoned for shutdown."""
         try:
-            last = (await self.events.info(turn.id)).last_seq
+            last, lost = (await self.events.info(turn.id)).last_seq, False
         except NotFound:
-            last = 0
+            # No log. On a retry that means an earlier attempt's frames were lost
+            # (Redis, or serve's in-memory log, restarted): jump the sequence past
+            # anything a reader may hold, so old cursors answer 410 instead of
+            # resuming into frames of another attempt.
+            lost = turn.attempt > 1
+            last = (turn.attempt - 1) * SEQ_EPOCH if lost else 0
         assembler = Assembler()
         writer = FrameWriter(
             self.events,
@@ -162,10 +170,13 @@ class TurnRunner:
             last + 1,
             on_written=self.metrics.frames_written,
             snapshot=lambda: [chunks.start(turn.assistant_message_id), *assembler.snapshot()],
+            restart=lost,
         )
-        if last == 0:
+        if lost:
+            writer.add(chunks.data("stream-reset", {"seq": last + 1}, transient=True))
+        if last == 0 or lost:
             writer.add(chunks.start(turn.assistant_message_id))
-        else:
+        if turn.attempt > 1:
             writer.add(chunks.data("turn-retry", {"attempt": turn.attempt}, transient=True))
         # Streams are created without a TTL: give this one its lifetime now, and
         # the heartbeat extends it while the turn runs.
