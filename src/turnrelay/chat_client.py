@@ -127,6 +127,9 @@ class _Turn:
     frames: int = 0
     error: str | None = None
     aborted: bool = False
+    # After a ``data-stream-reset`` the server sends a snapshot of the message so far:
+    # the text already printed, which is not printed again.
+    replaying: str | None = None
 
     def feed(self, ident: str | None, chunk: dict[str, Any]) -> None:
         self.frames += 1
@@ -135,8 +138,20 @@ class _Turn:
             self.turn_id = ident.rpartition(":")[0] or self.turn_id
         kind = chunk.get("type")
         if kind == "text-delta":
-            self.text += chunk["delta"]
-            self.console.text(chunk["delta"])
+            self._text(chunk["delta"])
+        elif kind == "data-stream-reset":
+            self.replaying, self.text = self.text, ""
+        elif kind == "data-turn-retry":
+            # The new attempt writes its answer from the start.
+            attempt = (chunk.get("data") or {}).get("attempt")
+            self.console.note(f"the server restarted the turn (attempt {attempt})")
+            self.text, self.replaying = "", None
+        elif kind == "error":
+            self.error = str(chunk.get("errorText") or "the turn failed")
+        elif kind == "abort":
+            self.aborted = True
+        elif self.replaying is not None:
+            return  # reasoning and tool notes of the snapshot were shown already
         elif kind == "reasoning-delta":
             self.console.reasoning(chunk["delta"])
         elif kind == "tool-input-available":
@@ -148,13 +163,23 @@ class _Turn:
             self.console.note(f"tool result {_clip(shown)}")
         elif kind == "tool-output-error":
             self.console.note(f"tool failed: {_clip(str(chunk.get('errorText')))}")
-        elif kind == "data-turn-retry":
-            attempt = (chunk.get("data") or {}).get("attempt")
-            self.console.note(f"the server restarted the turn (attempt {attempt})")
-        elif kind == "error":
-            self.error = str(chunk.get("errorText") or "the turn failed")
-        elif kind == "abort":
-            self.aborted = True
+
+    def _text(self, delta: str) -> None:
+        text = self.text + delta
+        shown = self.replaying
+        if shown is not None:
+            if shown.startswith(text):
+                self.text = text
+                return
+            self.replaying = None
+            if text.startswith(shown):
+                delta = text[len(shown) :]
+            else:
+                self.console.note("the reply was rebuilt by the server")
+                delta = text
+        self.text = text
+        if delta:
+            self.console.text(delta)
 
     @property
     def outcome(self) -> int:
