@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from typing import NoReturn
 from urllib.parse import urlparse
 
 import pytest
@@ -33,14 +34,18 @@ def _reachable(url: str, default_port: int) -> bool:
         return False
 
 
+def skip_or_fail(message: str) -> NoReturn:
+    """Skip a test whose prerequisite is missing locally; fail it under ``CI``,
+    which must run every test."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI must run this test)")
+    pytest.skip(message)
+
+
 def require_server(name: str, url: str, default_port: int) -> None:
     """Skip locally, fail under CI, when the server behind ``url`` is unreachable."""
-    if _reachable(url, default_port):
-        return
-    message = f"{name} is unreachable at {url}"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message} (CI must run the real-service tests)")
-    pytest.skip(message)
+    if not _reachable(url, default_port):
+        skip_or_fail(f"{name} is unreachable at {url}")
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ chromium`), never the test: without them the tests skip locally and fail under
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import skip_or_fail
 from tests.procs import FakeLLMProc, Proc, start_fake_llm, start_serve
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]
@@ -54,9 +54,7 @@ def require_browser() -> str:
         message = f"{CHROMIUM} is missing: run `apt-get install -y chromium`"
     else:
         return node
-    if os.environ.get("CI"):
-        pytest.fail(f"{message} (CI must run the browser tests)")
-    pytest.skip(message)
+    skip_or_fail(message)
 
 
 @pytest.fixture(scope="module")

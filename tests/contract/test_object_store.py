@@ -9,7 +9,6 @@ stores use a bucket prefix, so the suite also proves the prefix confines them.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import skip_or_fail
 from tests.storage_servers import (
     StoreSpec,
     create_gcs_bucket,
@@ -69,11 +69,8 @@ HOSTILE_KEYS = [
 
 
 def _require(what: str, available: bool) -> None:
-    if available:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is not installed (CI must run the real-service tests)")
-    pytest.skip(f"{what} is not installed")
+    if not available:
+        skip_or_fail(f"{what} is not installed")
 
 
 def _has(module: str) -> bool:

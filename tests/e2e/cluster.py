@@ -5,20 +5,25 @@ PostgreSQL, each test run in its own database and broker/Redis namespace."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 import httpx
 
-from tests.procs import FakeLLMProc, Proc, free_port, start
+from tests.conftest import AMQP_URL as TEST_AMQP_URL
+from tests.conftest import POSTGRES_URL, require_server
+from tests.conftest import REDIS_URL as TEST_REDIS_URL
+from tests.procs import FakeLLMProc, Proc, free_port, start, start_fake_llm
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-REDIS_URL = "redis://127.0.0.1:6379/0"
+AMQP_URL = TEST_AMQP_URL
+REDIS_URL = TEST_REDIS_URL
 
 
 def _pg_admin_dsn(url: str) -> str:
@@ -130,3 +135,38 @@ class Cluster:
         for proc in [*self.apis, *self.executors]:
             proc.stop()
         asyncio.run(_drop_db(self.postgres_url, self.db_name))
+
+
+@contextlib.contextmanager
+def running_cluster(
+    tmp: Path,
+    *,
+    apis: int,
+    executors: int,
+    redis_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Cluster]:
+    """A fake LLM, a fresh database and namespace, and the given processes;
+    skips locally (fails under CI) when a server is unreachable."""
+    require_server("PostgreSQL", POSTGRES_URL, 5432)
+    require_server("RabbitMQ", AMQP_URL, 5672)
+    if redis_url is None:
+        require_server("Redis", REDIS_URL, 6379)
+    llm = start_fake_llm(tmp)
+    cluster = Cluster(
+        tmp=tmp,
+        llm=llm,
+        postgres_url=POSTGRES_URL,
+        redis_url=redis_url or REDIS_URL,
+        extra_env=extra_env or {},
+    )
+    try:
+        cluster.create()
+        for _ in range(apis):
+            cluster.start_api()
+        for _ in range(executors):
+            cluster.start_executor()
+        yield cluster
+    finally:
+        cluster.stop()
+        llm.proc.stop()

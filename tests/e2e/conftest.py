@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.procs import FakeLLMProc, Proc, free_port, start, start_fake_llm
+from tests.procs import FakeLLMProc, Proc, start_fake_llm, start_serve
 
 
 @pytest.fixture(scope="session")
@@ -19,23 +19,14 @@ def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeLLMProc]:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, llm: FakeLLMProc) -> Iterator[Proc]:
-    tmp = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    proc = start(
-        "serve",
-        ["serve", "--port", str(port)],
-        tmp=tmp,
-        env={
-            "TURNRELAY_MODEL": "openai:fake",
+    proc = start_serve(
+        tmp_path_factory.mktemp("serve"),
+        llm,
+        {
             "TURNRELAY_MODELS": "openai:fake,openai:other",
-            "OPENAI_BASE_URL": llm.base_url,
-            "OPENAI_API_KEY": "unused",
-            "TURNRELAY_HEARTBEAT_INTERVAL": "0.5",
             "TURNRELAY_API_KEYS": "tok-alice=alice,tok-bob=bob",
         },
-        health_url=f"http://127.0.0.1:{port}/health",
     )
-    proc.url = f"http://127.0.0.1:{port}"
     yield proc
     proc.stop()
 

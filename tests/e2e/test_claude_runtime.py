@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.conftest import skip_or_fail
 from tests.e2e.conftest import new_session
 from tests.procs import SSE, FakeLLMProc, Proc, free_port, iter_sse, read_sse, start
 
@@ -26,10 +26,7 @@ def require_claude_sdk() -> None:
     """The `claude` extra carries the bundled CLI: skip locally, fail under CI."""
     if importlib.util.find_spec("claude_agent_sdk") is not None:
         return
-    message = "claude-agent-sdk is not installed: pip install -e '.[claude]'"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    skip_or_fail("claude-agent-sdk is not installed: pip install -e '.[claude]'")
 
 
 @pytest.fixture(scope="module")

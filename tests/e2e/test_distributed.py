@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import AMQP_URL, POSTGRES_URL, REDIS_URL, require_server
-from tests.e2e.cluster import Cluster
-from tests.procs import FakeLLMProc, read_sse, start_fake_llm
+from tests.conftest import POSTGRES_URL
+from tests.e2e.cluster import Cluster, running_cluster
+from tests.procs import FakeLLMProc, read_sse
 from turnrelay.queue.base import TurnMessage
 from turnrelay.queue.rabbitmq import RabbitTurnQueue
 
@@ -24,22 +24,8 @@ AUTH = {"authorization": "Bearer tok-alice"}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    require_server("PostgreSQL", POSTGRES_URL, 5432)
-    require_server("Redis", REDIS_URL, 6379)
-    require_server("RabbitMQ", AMQP_URL, 5672)
-    tmp = tmp_path_factory.mktemp("cluster")
-    llm = start_fake_llm(tmp)
-    c = Cluster(tmp=tmp, llm=llm, postgres_url=POSTGRES_URL)
-    c.create()
-    try:
-        c.start_api()
-        c.start_api()
-        c.start_executor()
-        c.start_executor()
+    with running_cluster(tmp_path_factory.mktemp("cluster"), apis=2, executors=2) as c:
         yield c
-    finally:
-        c.stop()
-        llm.proc.stop()
 
 
 def model_requests(llm: FakeLLMProc, marker: str) -> list[dict[str, Any]]:

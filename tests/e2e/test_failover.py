@@ -9,9 +9,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import AMQP_URL, POSTGRES_URL, REDIS_URL, require_server
-from tests.e2e.cluster import Cluster
-from tests.procs import Proc, iter_sse, read_sse, start_fake_llm
+from tests.e2e.cluster import Cluster, running_cluster
+from tests.procs import Proc, iter_sse, read_sse
 
 pytestmark = pytest.mark.slow
 AUTH = {"authorization": "Bearer tok-alice"}
@@ -19,20 +18,11 @@ AUTH = {"authorization": "Bearer tok-alice"}
 
 @pytest.fixture
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    require_server("PostgreSQL", POSTGRES_URL, 5432)
-    require_server("Redis", REDIS_URL, 6379)
-    require_server("RabbitMQ", AMQP_URL, 5672)
-    tmp = tmp_path_factory.mktemp("failover")
-    llm = start_fake_llm(tmp)
-    c = Cluster(tmp=tmp, llm=llm, postgres_url=POSTGRES_URL,
-                extra_env={"TURNRELAY_LEASE_TTL": "2s", "TURNRELAY_REQUEUE_DELAY": "300ms"})
-    c.create()
-    try:
-        c.start_api()
+    env = {"TURNRELAY_LEASE_TTL": "2s", "TURNRELAY_REQUEUE_DELAY": "300ms"}
+    with running_cluster(
+        tmp_path_factory.mktemp("failover"), apis=1, executors=0, extra_env=env
+    ) as c:
         yield c
-    finally:
-        c.stop()
-        llm.proc.stop()
 
 
 def running_on(cluster: Cluster) -> Proc:
@@ -63,8 +53,9 @@ def test_killed_executor_turn_is_retried_elsewhere(cluster: Cluster) -> None:
         victim = running_on(cluster)
         victim.popen.send_signal(signal.SIGKILL)
         victim.popen.wait(5)
-        with client.stream("GET", f"/api/chat/sessions/{sid}/stream",
-                           headers={"Last-Event-ID": before.ids[-1]}) as r:
+        with client.stream(
+            "GET", f"/api/chat/sessions/{sid}/stream", headers={"Last-Event-ID": before.ids[-1]}
+        ) as r:
             after = read_sse(r)
         assert after.done
         chunks = before.chunks + after.chunks
@@ -88,8 +79,9 @@ def test_sigterm_lets_the_running_turn_finish(cluster: Cluster) -> None:
         sid, turn_id = start_turn(client, "drain fake:tokens=20 fake:delay_ms=50")
         running_on(cluster)
         ex.popen.send_signal(signal.SIGTERM)
-        with client.stream("GET", f"/api/chat/sessions/{sid}/stream",
-                           params={"turn_id": turn_id}) as r:
+        with client.stream(
+            "GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": turn_id}
+        ) as r:
             sse = read_sse(r)
         assert ex.popen.wait(20) == 0
         assert sse.done and sse.text() == " ".join(f"t{i}" for i in range(20))
@@ -105,8 +97,9 @@ def test_sigterm_past_grace_hands_the_turn_to_another_executor(cluster: Cluster)
         ex.popen.send_signal(signal.SIGTERM)
         assert ex.popen.wait(20) == 0
         cluster.start_executor()
-        with client.stream("GET", f"/api/chat/sessions/{sid}/stream",
-                           params={"turn_id": turn_id}) as r:
+        with client.stream(
+            "GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": turn_id}
+        ) as r:
             sse = read_sse(r)
         assert sse.done and sse.chunks[-1]["type"] == "finish"
         turn = client.get(f"/api/chat/sessions/{sid}/turns/{turn_id}").json()
@@ -116,8 +109,10 @@ def test_sigterm_past_grace_hands_the_turn_to_another_executor(cluster: Cluster)
 def test_sigterm_on_the_api_ends_streams_for_resume(cluster: Cluster) -> None:
     cluster.start_executor()
     second = cluster.start_api()
-    with httpx.Client(base_url=second.url, headers=AUTH, timeout=60) as c2, \
-            httpx.Client(base_url=cluster.apis[0].url, headers=AUTH, timeout=60) as c1:
+    with (
+        httpx.Client(base_url=second.url, headers=AUTH, timeout=60) as c2,
+        httpx.Client(base_url=cluster.apis[0].url, headers=AUTH, timeout=60) as c1,
+    ):
         sid, turn_id = start_turn(c2, "apiterm fake:tokens=40 fake:delay_ms=40")
         seen: list[tuple[str | None, str]] = []
         with c2.stream("GET", f"/api/chat/sessions/{sid}/stream") as r:
@@ -130,10 +125,10 @@ def test_sigterm_on_the_api_ends_streams_for_resume(cluster: Cluster) -> None:
             # the stream ended (without [DONE]) well before the turn did
         assert seen[-1][1] != "[DONE]"
         assert second.popen.wait(10) == 0
-        with c1.stream("GET", f"/api/chat/sessions/{sid}/stream",
-                       headers={"Last-Event-ID": seen[-1][0] or ""}) as r:
+        with c1.stream(
+            "GET", f"/api/chat/sessions/{sid}/stream", headers={"Last-Event-ID": seen[-1][0] or ""}
+        ) as r:
             rest = read_sse(r)
-        with c1.stream("GET", f"/api/chat/sessions/{sid}/stream",
-                       params={"turn_id": turn_id}) as r:
+        with c1.stream("GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": turn_id}) as r:
             whole = read_sse(r)
         assert seen + rest.events == whole.events

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import AMQP_URL, POSTGRES_URL, require_server
-from tests.e2e.cluster import Cluster
-from tests.procs import free_port, iter_sse, read_sse, start_fake_llm
+from tests.conftest import skip_or_fail
+from tests.e2e.cluster import Cluster, running_cluster
+from tests.procs import free_port, iter_sse, read_sse
 
 pytestmark = pytest.mark.slow
 AUTH = {"authorization": "Bearer tok-alice"}
@@ -75,28 +75,16 @@ class PrivateRedis:
 @pytest.fixture
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, PrivateRedis]]:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    require_server("PostgreSQL", POSTGRES_URL, 5432)
-    require_server("RabbitMQ", AMQP_URL, 5672)
+        skip_or_fail("redis-server is not installed")
     tmp = tmp_path_factory.mktemp("redisloss")
     redis = PrivateRedis(tmp)
     redis.start()
-    llm = start_fake_llm(tmp)
-    c = Cluster(
-        tmp=tmp,
-        llm=llm,
-        postgres_url=POSTGRES_URL,
-        redis_url=redis.url,
-        extra_env={"TURNRELAY_LEASE_TTL": "3s"},
-    )
-    c.create()
     try:
-        c.start_api()
-        c.start_executor()
-        yield c, redis
+        with running_cluster(
+            tmp, apis=1, executors=1, redis_url=redis.url, extra_env={"TURNRELAY_LEASE_TTL": "3s"}
+        ) as c:
+            yield c, redis
     finally:
-        c.stop()
-        llm.proc.stop()
         redis.kill()
 
 

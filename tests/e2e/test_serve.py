@@ -161,3 +161,27 @@ def test_heartbeats_while_the_model_is_silent(client: httpx.Client) -> None:
     with client.stream("GET", f"/api/chat/sessions/{sid}/stream") as r:
         sse = read_sse(r)
     assert sse.done and sse.pings >= 1
+
+
+def test_operations_endpoints(client: httpx.Client) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"status": "ready"}
+    text = client.get("/metrics").text
+    assert "turnrelay_turns_finished_total" in text
+    assert 'turnrelay_http_requests_total{route="create_session",status="201"}' in text
+
+
+def test_serve_refuses_a_public_host_without_api_keys(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "turnrelay.cli", "serve", "--host", "0.0.0.0"],
+        env={"PATH": "/usr/bin:/bin", "TURNRELAY_MODEL": "openai:fake"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2
+    assert "TURNRELAY_API_KEYS" in r.stderr and "Traceback" not in r.stderr

@@ -16,9 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import AMQP_URL, POSTGRES_URL, REDIS_URL, require_server
-from tests.e2e.cluster import Cluster
-from tests.procs import read_sse, start_fake_llm
+from tests.e2e.cluster import Cluster, running_cluster
+from tests.procs import read_sse
 
 pytestmark = pytest.mark.slow
 AUTH = {"authorization": "Bearer tok-alice"}
@@ -27,30 +26,14 @@ LONG = "fake:tokens=400 fake:delay_ms=20"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    require_server("PostgreSQL", POSTGRES_URL, 5432)
-    require_server("Redis", REDIS_URL, 6379)
-    require_server("RabbitMQ", AMQP_URL, 5672)
-    tmp = tmp_path_factory.mktemp("control")
-    llm = start_fake_llm(tmp)
-    c = Cluster(
-        tmp=tmp,
-        llm=llm,
-        postgres_url=POSTGRES_URL,
-        extra_env={
-            "TURNRELAY_MAX_RUNNING_TURNS_PER_USER": "3",
-            "TURNRELAY_MAX_QUEUED_TURNS_PER_SESSION": "2",
-        },
-    )
-    c.create()
-    try:
-        c.start_api()
-        c.start_api()
-        c.start_executor()
-        c.start_executor()
+    caps = {
+        "TURNRELAY_MAX_RUNNING_TURNS_PER_USER": "3",
+        "TURNRELAY_MAX_QUEUED_TURNS_PER_SESSION": "2",
+    }
+    with running_cluster(
+        tmp_path_factory.mktemp("control"), apis=2, executors=2, extra_env=caps
+    ) as c:
         yield c
-    finally:
-        c.stop()
-        llm.proc.stop()
 
 
 @pytest.fixture

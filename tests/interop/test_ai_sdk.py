@@ -12,7 +12,6 @@ without them the test skips locally and fails under ``CI``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -24,7 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.procs import FakeLLMProc, Proc, free_port, start, start_fake_llm
+from tests.conftest import skip_or_fail
+from tests.procs import FakeLLMProc, Proc, start_fake_llm, start_serve
 from turnrelay.events import chunks as c
 from turnrelay.lifecycle import terminal_chunks
 from turnrelay.store.base import TurnStatus
@@ -45,9 +45,7 @@ def require_node() -> str:
         message = "tests/interop/node_modules/ai is missing: run `npm ci --prefix tests/interop`"
     else:
         return node
-    if os.environ.get("CI"):
-        pytest.fail(f"{message} (CI must run the AI SDK interop tests)")
-    pytest.skip(message)
+    skip_or_fail(message)
 
 
 @pytest.fixture(scope="module")
@@ -64,22 +62,7 @@ def llm(node: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeLLM
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, llm: FakeLLMProc) -> Iterator[Proc]:
-    tmp = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    proc = start(
-        "serve",
-        ["serve", "--port", str(port)],
-        tmp=tmp,
-        env={
-            "TURNRELAY_MODEL": "openai:fake",
-            "TURNRELAY_MODELS": "openai:fake",
-            "OPENAI_BASE_URL": llm.base_url,
-            "OPENAI_API_KEY": "unused",
-            "TURNRELAY_HEARTBEAT_INTERVAL": "0.5",
-        },
-        health_url=f"http://127.0.0.1:{port}/health",
-    )
-    proc.url = f"http://127.0.0.1:{port}"
+    proc = start_serve(tmp_path_factory.mktemp("serve"), llm)
     yield proc
     proc.stop()
 

@@ -189,3 +189,26 @@ async def test_cancel_running_turn(h: Harness) -> None:
     assert turn["status"] == "cancelled"
     again = await h.client.post(f"/api/chat/sessions/{sid}/cancel")
     assert again.json() == {"cancelled": False, "turn_id": None, "reason": "no_active_turn"}
+
+
+async def test_turn_timeout_fails_the_turn(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    harness.settings = harness.settings.model_copy(update={"turn_timeout": 0.3})
+    harness.executor.runner.settings = harness.settings
+    await migrate(harness.settings.database_url)
+    await harness.store.startup()
+    task = asyncio.create_task(harness.executor.run())
+    try:
+        client = harness.client
+        sid = (await client.post("/api/chat/sessions")).json()["id"]
+        r = await client.post(f"/api/chat/sessions/{sid}/stream", json={"message": "slow x"})
+        chunks = [json.loads(d) for _, d in frames(r.text)[:-1]]
+        assert [c["type"] for c in chunks][-2:] == ["error", "finish"]
+        assert "timed out" in chunks[-2]["errorText"]
+        turn = await client.get(f"/api/chat/sessions/{sid}/turns/{r.headers['x-turn-id']}")
+        assert turn.json()["status"] == "failed"
+    finally:
+        harness.executor.stop()
+        await task
+        await harness.client.aclose()
+        await harness.store.shutdown()
