@@ -72,17 +72,7 @@ def _http_server(services: Services, host: str, port: int) -> uvicorn.Server:
     """The API under uvicorn. On SIGTERM the stream hub ends every open stream
     first (without ``[DONE]``), so clients resume on another replica at once
     instead of waiting for the graceful-shutdown timeout."""
-    from turnrelay.api.app import create_app
-
-    settings = services.settings
-    app = create_app(
-        settings=settings,
-        store=services.store,
-        events=services.events,
-        queue=services.queue,
-        metrics=services.metrics,
-        readiness=services.ready,
-    )
+    app = services.api()
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -116,23 +106,13 @@ def _http_server(services: Services, host: str, port: int) -> uvicorn.Server:
 
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
-    from turnrelay.executor.worker import Executor
     from turnrelay.services import build_services
     from turnrelay.store.migrate import migrate
 
     await migrate(settings.database_url)
     services = build_services(settings, "serve")
     await services.startup()
-    executor = Executor(
-        settings=settings,
-        store=services.store,
-        events=services.events,
-        lease=services.lease,
-        queue=services.queue,
-        runtimes=services.runtimes,
-        metrics=services.metrics,
-        grace=settings.grace(30.0),
-    )
+    executor = services.executor(grace=settings.grace(30.0))
     server = _http_server(services, host, port)
     exec_task = asyncio.create_task(executor.run(), name="executor")
     try:
@@ -163,7 +143,6 @@ async def _executor(settings: Settings) -> None:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from turnrelay.executor.worker import Executor
     from turnrelay.services import build_services, check_distributed
     from turnrelay.store.migrate import check_schema
 
@@ -173,16 +152,7 @@ async def _executor(settings: Settings) -> None:
     await check_schema(settings.database_url)
     services = build_services(settings, "executor")
     await services.startup()
-    executor = Executor(
-        settings=settings,
-        store=services.store,
-        events=services.events,
-        lease=services.lease,
-        queue=services.queue,
-        runtimes=services.runtimes,
-        metrics=services.metrics,
-        grace=settings.grace(25 * 60.0),
-    )
+    executor = services.executor(grace=settings.grace(25 * 60.0))
 
     async def health(request: Request) -> Response:
         return JSONResponse(

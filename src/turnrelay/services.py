@@ -10,6 +10,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from turnrelay.errors import ConfigError, TurnrelayError
 from turnrelay.events.base import EventLog
@@ -20,6 +21,11 @@ from turnrelay.runtime.base import AgentRuntime
 from turnrelay.settings import ModelRef, Settings
 from turnrelay.storage.base import ObjectStore
 from turnrelay.store.base import ChatStore
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from turnrelay.executor.worker import Executor
 from turnrelay.tools.registry import ToolRegistry, build_registry
 
 
@@ -54,6 +60,32 @@ class Services:
         ):
             with contextlib.suppress(TurnrelayError):
                 await closer()
+
+    def executor(self, *, grace: float) -> Executor:
+        from turnrelay.executor.worker import Executor
+
+        return Executor(
+            settings=self.settings,
+            store=self.store,
+            events=self.events,
+            lease=self.lease,
+            queue=self.queue,
+            runtimes=self.runtimes,
+            metrics=self.metrics,
+            grace=grace,
+        )
+
+    def api(self) -> Starlette:
+        from turnrelay.api.app import create_app
+
+        return create_app(
+            settings=self.settings,
+            store=self.store,
+            events=self.events,
+            queue=self.queue,
+            metrics=self.metrics,
+            readiness=self.ready,
+        )
 
     async def ready(self) -> None:
         """Raises ``BackendUnavailable`` naming the first backend that does not answer."""
