@@ -21,6 +21,7 @@ from turnrelay.errors import (
     NotFound,
     SessionNotFound,
     TurnNotFound,
+    TurnrelayError,
 )
 from turnrelay.events.base import EventLog
 from turnrelay.metrics import Metrics
@@ -183,13 +184,26 @@ class ChatRoutes:
     # -- turns -------------------------------------------------------------------------
 
     async def _submit(self, request: Request) -> TurnRecord:
-        user, s = await self._session(request)
-        body = parse_submit(await request.body(), max_message_bytes=self.settings.max_message_bytes)
+        # The submit transaction checks the session's owner itself; the separate
+        # lookup only runs when the body is bad, so another user's session still
+        # answers 404 before any 400 about the body.
+        user = self.auth.user_for(request)
+        session_id = request.path_params["session_id"]
+        if not check_session_id(session_id):
+            raise SessionNotFound(f"session {session_id[:64]!r} not found")
+        try:
+            body = parse_submit(
+                await request.body(), max_message_bytes=self.settings.max_message_bytes
+            )
+            model = self.control.resolve_model(body.model)
+        except TurnrelayError:
+            await self.store.get_session(session_id, user)
+            raise
         result = await self.control.submit(
-            s.id,
+            session_id,
             user,
             body.message,
-            model=body.model,
+            model=model,
             message_id=body.message_id,
             multitask=body.multitask,
         )

@@ -46,7 +46,7 @@ from turnrelay.metrics import Metrics
 from turnrelay.queue.base import Delivery, TurnMessage, TurnQueue
 from turnrelay.runtime.base import AgentRuntime, TurnContext
 from turnrelay.settings import ModelRef, Settings
-from turnrelay.store.base import ChatStore, TurnOutcome, TurnRecord, TurnStatus
+from turnrelay.store.base import ChatStore, MessageRecord, TurnOutcome, TurnRecord, TurnStatus
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +142,21 @@ class TurnRunner:
                 self.metrics.turn_finished(done.status.value, None)
             return _Outcome.DONE
         # The CAS on the attempt we read catches any change since that read.
-        started = await self.store.start_turn(turn.id, turn.attempt)
+        # The history (earlier turns only) does not depend on the CAS: read both at once.
+        started, history = await asyncio.gather(
+            self.store.start_turn(turn.id, turn.attempt),
+            self.store.history(turn.session_id, turn.seq),
+        )
         if started is None:
             current = await self.store.get_turn(turn.id)
             if current.status.active:
                 return _Outcome.RETRY
             await close_stream(self.events, current, self.settings.stream_retention)
             return _Outcome.DONE
-        abandoned = await self._attempt(started, key)
+        abandoned = await self._attempt(started, key, history)
         return _Outcome.ABANDONED if abandoned else _Outcome.DONE
 
-    async def _attempt(self, turn: TurnRecord, key: str) -> bool:
+    async def _attempt(self, turn: TurnRecord, key: str, history: list[MessageRecord]) -> bool:
         """Run one attempt; returns True when it was abandoned for shutdown."""
         try:
             last, lost = (await self.events.info(turn.id)).last_seq, False
@@ -184,7 +188,9 @@ class TurnRunner:
         await self.events.touch(turn.id, self.settings.stream_retention)
         loop = asyncio.get_running_loop()
         began = loop.time()
-        task = asyncio.create_task(self._drive(turn, assembler, writer), name=f"turn:{turn.id}")
+        task = asyncio.create_task(
+            self._drive(turn, history, assembler, writer), name=f"turn:{turn.id}"
+        )
         run = self.running.add(turn.id, task)
         if turn.cancel_requested:
             run.stop(StopReason.CANCEL)
@@ -239,7 +245,13 @@ class TurnRunner:
             await writer.close()
         return False
 
-    async def _drive(self, turn: TurnRecord, assembler: Assembler, writer: FrameWriter) -> None:
+    async def _drive(
+        self,
+        turn: TurnRecord,
+        history: list[MessageRecord],
+        assembler: Assembler,
+        writer: FrameWriter,
+    ) -> None:
         model = ModelRef.parse(turn.model)
         runtime = self.runtimes.get(model.provider)
         if runtime is None:
@@ -252,7 +264,7 @@ class TurnRunner:
             model=model,
             system_prompt=self.settings.system_prompt,
             user_text=turn.user_text,
-            history=await self.store.history(turn.session_id, turn.seq),
+            history=history,
             history_tokens=self.settings.history_tokens,
         )
         # aclosing: on cancel or timeout the runtime's generator is closed at once,
