@@ -32,6 +32,8 @@ from turnrelay.store.base import (
 
 # How long POST /cancel waits for the executor's terminal frame before 202.
 CANCEL_WAIT = 5.0
+# How long it waits on the broadcast alone before it also sets the database flag.
+FLAG_AFTER = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,20 +126,30 @@ class TurnControl:
             raise PublishFailed(f"the turn could not be queued: {exc.detail}") from exc
 
     async def cancel(self, session_id: str, user_id: str) -> CancelResult:
-        await self.store.get_session(session_id, user_id)
-        active = await self.store.active_turns(session_id)
+        _, active = await asyncio.gather(
+            self.store.get_session(session_id, user_id), self.store.active_turns(session_id)
+        )
         if not active:
             return CancelResult(False, None, "no_active_turn")
         # Stop what runs (or will run next): the session's head turn.
         head = next((t for t in active if t.status is TurnStatus.RUNNING), active[0])
-        if await self._stop(head):
+        if await self._stop(head, flag=False):
             return CancelResult(True, head.id)
-        if await self._wait_terminal(head.id, CANCEL_WAIT):
+        # The broadcast is the fast path and usually ends the turn before
+        # FLAG_AFTER; only then is the flag written for an executor that missed
+        # it, so the common case costs no database write competing with the
+        # executor's own terminal write.
+        if await self._wait_terminal(head.id, FLAG_AFTER):
+            return CancelResult(True, head.id)
+        await self.store.request_cancel(head.id)
+        if await self._wait_terminal(head.id, CANCEL_WAIT - FLAG_AFTER):
             return CancelResult(True, head.id)
         return CancelResult(False, head.id, "timeout")
 
-    async def _stop(self, turn: TurnRecord) -> bool:
-        """End ``turn``; True when it is already terminal (a queued turn ended here)."""
+    async def _stop(self, turn: TurnRecord, *, flag: bool = True) -> bool:
+        """End ``turn``; True when it is already terminal (a queued turn ended here).
+        A running turn gets the cancel broadcast and, with ``flag``, the database flag
+        its executor's heartbeat reads should the broadcast have been missed."""
         if turn.status is TurnStatus.QUEUED:
             outcome = TurnOutcome(TurnStatus.CANCELLED, error=None)
             if await self.store.finish_turn(turn.id, 0, outcome):
@@ -149,9 +161,12 @@ class TurnControl:
                 # It may have been the dispatched head: let the next one go.
                 await self.publish_head(turn.session_id)
                 return True
-        # The broadcast is the fast path; the flag in the database reaches an
-        # executor that missed it (its heartbeat reads it). Neither waits for the other.
-        await asyncio.gather(self.store.request_cancel(turn.id), self.queue.publish_cancel(turn.id))
+        if flag:
+            await asyncio.gather(
+                self.store.request_cancel(turn.id), self.queue.publish_cancel(turn.id)
+            )
+        else:
+            await self.queue.publish_cancel(turn.id)
         return False
 
     async def _wait_terminal(self, turn_id: str, timeout: float) -> bool:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+# A cancel may arrive before its turn is registered here (the broadcast raced the
+# claim): remember it this long, for at most this many turns.
+CANCEL_MEMORY_SECONDS = 600.0
+CANCEL_MEMORY_SIZE = 10_000
 
 
 class StopReason(StrEnum):
@@ -28,14 +35,30 @@ class Run:
 class RunningTurns:
     def __init__(self) -> None:
         self._runs: dict[str, Run] = {}
+        self._cancelled: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._runs)
 
     def add(self, turn_id: str, task: asyncio.Task[None]) -> Run:
+        """Register a run; one whose cancel already arrived is stopped at once."""
         run = Run(turn_id, task)
         self._runs[turn_id] = run
+        if self._cancelled.pop(turn_id, None) is not None:
+            run.stop(StopReason.CANCEL)
         return run
+
+    def cancel(self, turn_id: str) -> None:
+        """A cancel broadcast: stop the run, or remember it for a run about to start."""
+        if self.stop(turn_id, StopReason.CANCEL):
+            return
+        now = time.monotonic()
+        self._cancelled[turn_id] = now
+        while self._cancelled and (
+            len(self._cancelled) > CANCEL_MEMORY_SIZE
+            or next(iter(self._cancelled.values())) < now - CANCEL_MEMORY_SECONDS
+        ):
+            self._cancelled.popitem(last=False)
 
     def remove(self, turn_id: str) -> None:
         self._runs.pop(turn_id, None)

@@ -147,7 +147,7 @@ class Executor:
         while True:
             try:
                 async for turn_id in self.queue.cancels():
-                    self.running.stop(turn_id, StopReason.CANCEL)
+                    self.running.cancel(turn_id)
             except TurnrelayError as exc:
                 log.warning("cancel listener: %s", exc.detail)
                 await asyncio.sleep(1.0)
