@@ -9,12 +9,15 @@ CI must prove the real-service behaviour, never quietly skip it.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
+from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlparse
 
 import pytest
+import redis.asyncio as aioredis
 
 POSTGRES_URL = os.environ.get(
     "TURNRELAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -46,6 +49,29 @@ def require_server(name: str, url: str, default_port: int) -> None:
     """Skip locally, fail under CI, when the server behind ``url`` is unreachable."""
     if not _reachable(url, default_port):
         skip_or_fail(f"{name} is unreachable at {url}")
+
+
+def require_node_package(directory: Path, package: str) -> str:
+    """The `node` binary, when `package` is installed under `directory`;
+    skip locally and fail under CI otherwise."""
+    node = shutil.which("node")
+    if node is None:
+        skip_or_fail("Node.js is not installed (`node` is not on PATH)")
+    if not (directory / "node_modules" / package / "package.json").exists():
+        rel = directory.relative_to(Path(__file__).resolve().parent.parent)
+        skip_or_fail(f"{rel}/node_modules/{package} is missing: run `npm ci --prefix {rel}`")
+    return node
+
+
+async def delete_redis_prefix(url: str, prefix: str) -> None:
+    """Remove the keys a test wrote under its unique prefix."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

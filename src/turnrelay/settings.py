@@ -117,9 +117,7 @@ class Settings(BaseSettings):
     sandbox_dir: str = "./.turnrelay/sandbox"
     # turnrelay tools offered to models (built-in and `turnrelay.tools` entry
     # points); empty: all of them.
-    tools: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(
-        default_factory=list
-    )
+    tools: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(default_factory=list)
     # Built-in tools of the Claude Code CLI to enable (e.g. `WebSearch,Read`);
     # empty, the safe default: none, so the model cannot run commands or touch files.
     claude_tools: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(

@@ -14,7 +14,6 @@ chromium`), never the test: without them the tests skip locally and fail under
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import skip_or_fail
+from tests.conftest import require_node_package, skip_or_fail
 from tests.procs import FakeLLMProc, Proc, start_fake_llm, start_serve
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]
@@ -42,19 +41,10 @@ def tokens(n: int) -> str:
 
 def require_browser() -> str:
     """The `node` binary; skip locally, fail under CI, when a prerequisite is missing."""
-    node = shutil.which("node")
-    if node is None:
-        message = "Node.js is not installed (`node` is not on PATH)"
-    elif not (HERE / "node_modules" / "playwright-core" / "package.json").exists():
-        message = (
-            "tests/browser/node_modules/playwright-core is missing: "
-            "run `npm ci --prefix tests/browser`"
-        )
-    elif not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing: run `apt-get install -y chromium`"
-    else:
-        return node
-    skip_or_fail(message)
+    node = require_node_package(HERE, "playwright-core")
+    if not CHROMIUM.exists():
+        skip_or_fail(f"{CHROMIUM} is missing: run `apt-get install -y chromium`")
+    return node
 
 
 @pytest.fixture(scope="module")

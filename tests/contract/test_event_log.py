@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
+from tests.conftest import delete_redis_prefix
 from turnrelay.clock import ManualClock
 from turnrelay.errors import BackendUnavailable, LogLost, NotFound, StaleWriter
 from turnrelay.events.base import EventLog, Frame, LogInfo
@@ -47,16 +48,6 @@ def frames(*seqs: int, terminal_at: int | None = None) -> list[Frame]:
     return [Frame(seq=s, data=f'{{"n":{s}}}', terminal=s == terminal_at) for s in seqs]
 
 
-async def _delete_prefix(url: str, prefix: str) -> None:
-    client = aioredis.Redis.from_url(url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def harness(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Harness]:
     if request.param == "memory":
@@ -71,7 +62,7 @@ async def harness(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[
         yield Harness(log, None)
     finally:
         await log.shutdown()
-        await _delete_prefix(url, prefix)
+        await delete_redis_prefix(url, prefix)
 
 
 async def test_append_then_read_in_order(harness: Harness) -> None:
@@ -255,7 +246,7 @@ async def test_redis_stream_layout(redis_url: str, unique: str) -> None:
     finally:
         await log.shutdown()
         await raw.aclose()
-        await _delete_prefix(redis_url, prefix)
+        await delete_redis_prefix(redis_url, prefix)
 
 
 @pytest.mark.redis
@@ -273,7 +264,7 @@ async def test_redis_empty_stream_info(redis_url: str, unique: str) -> None:
     finally:
         await log.shutdown()
         await raw.aclose()
-        await _delete_prefix(redis_url, prefix)
+        await delete_redis_prefix(redis_url, prefix)
 
 
 async def test_redis_unreachable_is_backend_unavailable() -> None:

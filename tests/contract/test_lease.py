@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
+from tests.conftest import delete_redis_prefix
 from turnrelay.clock import ManualClock
 from turnrelay.errors import BackendUnavailable
 from turnrelay.lease.base import Lease
@@ -61,13 +62,7 @@ async def harness(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[
         yield Harness(lease, None)
     finally:
         await lease.shutdown()
-        client = aioredis.Redis.from_url(url)
-        try:
-            keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
+        await delete_redis_prefix(url, prefix)
 
 
 async def test_acquire_and_holder(harness: Harness) -> None:

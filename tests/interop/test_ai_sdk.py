@@ -12,7 +12,6 @@ without them the test skips locally and fails under ``CI``.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import uuid
@@ -23,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import skip_or_fail
+from tests.conftest import require_node_package
 from tests.procs import FakeLLMProc, Proc, start_fake_llm, start_serve
 from turnrelay.events import chunks as c
 from turnrelay.lifecycle import terminal_chunks
@@ -36,21 +35,9 @@ SCRIPT = HERE / "ai_sdk_client.mjs"
 NODE_TIMEOUT = 60.0
 
 
-def require_node() -> str:
-    """The `node` binary; skip locally, fail under CI, when Node or the `ai` package is missing."""
-    node = shutil.which("node")
-    if node is None:
-        message = "Node.js is not installed (`node` is not on PATH)"
-    elif not (HERE / "node_modules" / "ai" / "package.json").exists():
-        message = "tests/interop/node_modules/ai is missing: run `npm ci --prefix tests/interop`"
-    else:
-        return node
-    skip_or_fail(message)
-
-
 @pytest.fixture(scope="module")
 def node() -> str:
-    return require_node()
+    return require_node_package(HERE, "ai")
 
 
 @pytest.fixture(scope="module")
