@@ -215,6 +215,6 @@ def build_services(settings: Settings, role: str) -> Services:
 
     from turnrelay.storage.factory import open_object_store
 
-    storage = open_object_store(settings.storage_url)
+    storage = open_object_store(settings.storage_url, environ=os.environ)
     runtimes = build_runtimes(settings) if role in ("executor", "serve") else {}
     return Services(settings, store, queue, events, lease, metrics, storage, runtimes)
