@@ -20,6 +20,7 @@ from turnrelay.errors import (
     TurnAlreadyActive,
     TurnNotFound,
 )
+from turnrelay.store import submit
 from turnrelay.store.base import Multitask, NewTurn, TurnOutcome, TurnStatus
 from turnrelay.store.migrate import migrate
 from turnrelay.store.sql import SqlChatStore
@@ -538,7 +539,7 @@ async def test_unique_constraints_back_up_the_session_lock(
         async def no_lock(*_: object) -> object:
             return record
 
-        monkeypatch.setattr(store, "_lock_session", no_lock)
+        monkeypatch.setattr(submit, "lock_session", no_lock)
         same = await asyncio.gather(
             *(store.submit_turn(new(s.id, "hi", client_message_id="m1")) for _ in range(4))
         )

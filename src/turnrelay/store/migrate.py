@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from turnrelay.errors import SchemaOutOfDate
-from turnrelay.store.sql import create_engine, translate_errors
+from turnrelay.store.engine import create_engine, translate_errors
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
