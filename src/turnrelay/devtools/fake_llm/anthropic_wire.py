@@ -11,31 +11,23 @@ from turnrelay.devtools.fake_llm.record import _Recorder
 from turnrelay.devtools.fake_llm.script import (
     MODEL_ID,
     Script,
-    _prompt,
+    _plan,
     _prompt_chars,
+    _Refusal,
     _Reply,
     _reply,
     _split_args,
-    parse_directives,
 )
 from turnrelay.devtools.fake_llm.stream import _BrokenBody, _Stream
 
 
 async def messages(recorder: _Recorder, index: int, body: dict[str, Any] | None) -> Response:
     """The answer to one request, already recorded as ``index``."""
-    if body is None:
-        return _anthropic_error(400, "request body is not a JSON object")
-    turns = body.get("messages")
-    if not isinstance(turns, list) or not turns:
-        return _anthropic_error(400, "messages: must be a non-empty list")
-    prompt = _prompt(turns)
     try:
-        _, script = parse_directives(prompt.text)
-    except ValueError as exc:
-        return _anthropic_error(400, str(exc))
-    if script.error is not None:
-        status = script.error if 400 <= script.error <= 599 else 500
-        return _anthropic_error(status, f"fake error {status} (fake:error directive)")
+        prompt, script = _plan(body)
+    except _Refusal as refusal:
+        return _anthropic_error(refusal.status, refusal.message)
+    assert body is not None
     choice = body.get("tool_choice")
     allowed = not (isinstance(choice, dict) and choice.get("type") == "none")
     reply = _reply(prompt, script, _anthropic_tool_names(body), allowed)

@@ -13,12 +13,12 @@ from turnrelay.devtools.fake_llm.record import _Recorder
 from turnrelay.devtools.fake_llm.script import (
     MODEL_ID,
     Script,
-    _prompt,
+    _plan,
     _prompt_chars,
+    _Refusal,
     _Reply,
     _reply,
     _split_args,
-    parse_directives,
 )
 from turnrelay.devtools.fake_llm.stream import _BrokenBody, _Stream
 
@@ -27,20 +27,12 @@ async def chat_completions(
     recorder: _Recorder, index: int, body: dict[str, Any] | None
 ) -> Response:
     """The answer to one request, already recorded as ``index``."""
-    if body is None:
-        return _error(400, "request body is not JSON")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return _error(400, "messages must be a non-empty list")
-    prompt = _prompt(messages)
     try:
-        _, script = parse_directives(prompt.text)
-    except ValueError as exc:
-        return _error(400, str(exc))
-    if script.error is not None:
-        status = script.error if 400 <= script.error <= 599 else 500
-        kind = "server_error" if status >= 500 else "invalid_request_error"
-        return _error(status, f"fake error {status} (fake:error directive)", kind)
+        prompt, script = _plan(body)
+    except _Refusal as refusal:
+        kind = "server_error" if refusal.status >= 500 else "invalid_request_error"
+        return _error(refusal.status, refusal.message, kind)
+    assert body is not None
     allowed = body.get("tool_choice") != "none"
     reply = _reply(prompt, script, _openai_tool_names(body), allowed)
     if body.get("stream"):

@@ -120,8 +120,32 @@ def _prompt(messages: list[Any]) -> _Prompt:
     return _Prompt("", result)
 
 
-def _last_user_text(messages: list[Any]) -> str:
-    return _prompt(messages).text
+class _Refusal(Exception):
+    """A request the fake answers with an HTTP error; each wire shapes the body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _plan(body: dict[str, Any] | None) -> tuple[_Prompt, Script]:
+    """The prompt and script of one request, the same for both wire formats.
+    Raises ``_Refusal`` for a malformed body or a ``fake:error`` directive."""
+    if body is None:
+        raise _Refusal(400, "request body is not a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _Refusal(400, "messages must be a non-empty list")
+    prompt = _prompt(messages)
+    try:
+        _, script = parse_directives(prompt.text)
+    except ValueError as exc:
+        raise _Refusal(400, str(exc)) from exc
+    if script.error is not None:
+        status = script.error if 400 <= script.error <= 599 else 500
+        raise _Refusal(status, f"fake error {status} (fake:error directive)")
+    return prompt, script
 
 
 @dataclass(slots=True)
