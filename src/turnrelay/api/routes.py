@@ -149,8 +149,11 @@ class ChatRoutes:
 
     async def get_session(self, request: Request) -> Response:
         _, s = await self._session(request)
-        messages = await self.store.messages(s.id)
+        # Active turns first: a turn that ends between the two reads then shows as
+        # active with its final messages (a reader resumes and gets its end at
+        # once), never as a "running" message with no active turn to resume.
         active = await self.store.active_turns(s.id)
+        messages = await self.store.messages(s.id)
         active_json = None
         if active:
             head = next((t for t in active if t.status.value == "running"), active[0])
