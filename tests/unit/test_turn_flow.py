@@ -212,3 +212,36 @@ async def test_turn_timeout_fails_the_turn(tmp_path: Path) -> None:
         await task
         await harness.client.aclose()
         await harness.store.shutdown()
+
+
+async def test_running_turn_shows_its_answer_so_far(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    harness.settings = harness.settings.model_copy(update={"lease_ttl": 0.3})
+    harness.executor.runner.settings = harness.settings
+    await migrate(harness.settings.database_url)
+    await harness.store.startup()
+    task = asyncio.create_task(harness.executor.run())
+    try:
+        client = harness.client
+        sid = (await client.post("/api/chat/sessions")).json()["id"]
+        await client.post(f"/api/chat/sessions/{sid}/turns", json={"message": "slow one"})
+        for _ in range(200):  # the heartbeat (every 0.1 s here) checkpoints it
+            session = (await client.get(f"/api/chat/sessions/{sid}")).json()
+            if session["messages"][1]["content"]:
+                break
+            await asyncio.sleep(0.02)
+        assistant = session["messages"][1]
+        assert assistant["content"] == "Echo:" and assistant["status"] == "running"
+        assert session["active_turn"]["status"] == "running"
+        harness.runtime.gate.set()
+        for _ in range(200):
+            session = (await client.get(f"/api/chat/sessions/{sid}")).json()
+            if session["active_turn"] is None:
+                break
+            await asyncio.sleep(0.02)
+        assert session["messages"][1]["content"] == "Echo: slow one"
+    finally:
+        harness.executor.stop()
+        await task
+        await harness.client.aclose()
+        await harness.store.shutdown()

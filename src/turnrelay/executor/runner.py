@@ -194,7 +194,7 @@ class TurnRunner:
         run = self.running.add(turn.id, task)
         if turn.cancel_requested:
             run.stop(StopReason.CANCEL)
-        beat = asyncio.create_task(self._heartbeat(turn, run, key))
+        beat = asyncio.create_task(self._heartbeat(turn, run, key, assembler))
         self.metrics.active_turns.inc()
         status, error = TurnStatus.COMPLETED, None
         try:
@@ -277,9 +277,12 @@ class TurnRunner:
                 writer.add(*assembler.feed(event))
         await writer.flush()
 
-    async def _heartbeat(self, turn: TurnRecord, run: Run, key: str) -> None:
-        """Every TTL/3: keep the lease and the stream alive; notice a missed cancel."""
+    async def _heartbeat(self, turn: TurnRecord, run: Run, key: str, assembler: Assembler) -> None:
+        """Every TTL/3: keep the lease and the stream alive, notice a missed cancel,
+        and checkpoint the answer so far (``GET /sessions/{id}`` shows it while the
+        turn runs)."""
         interval = self.settings.lease_ttl / 3
+        saved = 0
         while True:
             await asyncio.sleep(interval)
             try:
@@ -301,3 +304,15 @@ class TurnRunner:
                 return
             if current.cancel_requested:
                 run.stop(StopReason.CANCEL)
+                return
+            if len(assembler.parts) + len(assembler.content) != saved:
+                saved = len(assembler.parts) + len(assembler.content)
+                try:
+                    await self.store.save_partial(
+                        turn.id,
+                        turn.attempt,
+                        assembler.content,
+                        persisted_parts(assembler.parts),
+                    )
+                except TurnrelayError as exc:
+                    log.warning("turn %s checkpoint: %s", turn.id, exc.detail)
