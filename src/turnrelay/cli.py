@@ -52,20 +52,9 @@ def _check_serving(settings: Settings, host: str) -> Settings:
             f"refusing to listen on {host}: without TURNRELAY_API_KEYS every caller is the "
             "same local user. Set TURNRELAY_API_KEYS=token=user_id,… or use --host 127.0.0.1."
         )
-    if settings.model:
-        return settings
-    from turnrelay.runtime.local import DEFAULT_MODEL, INSTALL_HINT, local_available
+    from turnrelay.services import with_default_model
 
-    if local_available():
-        log.info("no TURNRELAY_MODEL set: using the bundled %s (runs on this CPU)", DEFAULT_MODEL)
-        return settings.model_copy(update={"model": DEFAULT_MODEL})
-    raise ConfigError(
-        "no model configured. Set TURNRELAY_MODEL=openai:<model> with OPENAI_API_KEY "
-        "(and OPENAI_BASE_URL for OpenRouter, vLLM, Ollama or llama.cpp), or run a small "
-        f"model on this machine with no key: {INSTALL_HINT}. To try the plumbing only: "
-        "`turnrelay fake-llm` with TURNRELAY_MODEL=openai:fake "
-        "OPENAI_BASE_URL=http://127.0.0.1:8099/v1."
-    )
+    return with_default_model(settings)
 
 
 def _http_server(services: Services, host: str, port: int) -> uvicorn.Server:

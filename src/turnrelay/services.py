@@ -7,6 +7,7 @@ concrete backends; everything else sees the ports.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
     from turnrelay.executor.worker import Executor
 from turnrelay.tools.registry import ToolRegistry, build_registry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,6 +116,25 @@ def check_distributed(settings: Settings, role: str) -> None:
             + "; ".join(problems)
             + ". Use `turnrelay serve` for a single process."
         )
+
+
+def with_default_model(settings: Settings) -> Settings:
+    """The settings ``serve`` runs with: with no model configured, the bundled
+    local model when its extra is installed; otherwise how to configure one."""
+    if settings.model:
+        return settings
+    from turnrelay.runtime.local import DEFAULT_MODEL, INSTALL_HINT, local_available
+
+    if local_available():
+        log.info("no TURNRELAY_MODEL set: using the bundled %s (runs on this CPU)", DEFAULT_MODEL)
+        return settings.model_copy(update={"model": DEFAULT_MODEL})
+    raise ConfigError(
+        "no model configured. Set TURNRELAY_MODEL=openai:<model> with OPENAI_API_KEY "
+        "(and OPENAI_BASE_URL for OpenRouter, vLLM, Ollama or llama.cpp), or run a small "
+        f"model on this machine with no key: {INSTALL_HINT}. To try the plumbing only: "
+        "`turnrelay fake-llm` with TURNRELAY_MODEL=openai:fake "
+        "OPENAI_BASE_URL=http://127.0.0.1:8099/v1."
+    )
 
 
 def build_runtimes(settings: Settings) -> dict[str, AgentRuntime]:
