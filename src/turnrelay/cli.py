@@ -26,8 +26,6 @@ from turnrelay.settings import Settings
 if TYPE_CHECKING:
     from turnrelay.services import Services
 
-log = logging.getLogger("turnrelay")
-
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
