@@ -4,17 +4,24 @@ The turn's terminal state is set once, by the store's compare-and-set; the
 winner writes the terminal frames. ``close_stream`` writes them for a winner
 that is not a running executor (the API cancelling a queued turn, the sweeper,
 an executor repairing a turn whose previous owner died between the CAS and
-the frames). It is idempotent: explicit frame sequence numbers make a second
-writer's append fail with ``StaleWriter``, which here means "already done".
+the frames). It writes with ``CLOSER_EPOCH``, above every attempt, so once it
+has claimed the log no executor can append to it any more; two closers write
+the same frames (both derive them from the stored outcome), so the second's
+append is a no-op or meets the first's terminal frame.
 """
 
 from __future__ import annotations
 
-from turnrelay.errors import NotFound, StaleWriter
+from turnrelay.errors import StaleWriter
 from turnrelay.events import chunks
-from turnrelay.events.base import EventLog, Frame
+from turnrelay.events.base import CLOSER_EPOCH, EventLog, Frame
 from turnrelay.events.chunks import Chunk
 from turnrelay.store.base import TurnRecord, TurnStatus
+
+# A log restarted after it was lost starts its frames at a multiple of this
+# (attempt n's retry at (n - 1) * SEQ_EPOCH + 1), so no cursor of the lost
+# frames can resume into frames of another attempt.
+SEQ_EPOCH = 1_000_000
 
 
 def session_lease_key(session_id: str) -> str:
@@ -39,21 +46,24 @@ def terminal_chunks(
 
 async def close_stream(log: EventLog, turn: TurnRecord, retention: float) -> None:
     """Make the log of a terminal ``turn`` end with its terminal frames."""
-    try:
-        info = await log.info(turn.id)
-        last, done = info.last_seq, info.terminal
-    except NotFound:
-        last, done = 0, False
-    if done:
+    info = await log.claim(turn.id, CLOSER_EPOCH, retention)
+    if info.terminal:
         return
-    body: list[Chunk] = [chunks.start(turn.assistant_message_id)] if last == 0 else []
+    body: list[Chunk] = []
+    last, restart = info.last_seq, False
+    if not info.exists and turn.attempt > 0:
+        # The log of a turn that ran is gone (Redis lost it): jump past any
+        # cursor a reader may hold, as a retry does.
+        last, restart = turn.attempt * SEQ_EPOCH, True
+        body.append(chunks.data("stream-reset", {"seq": last + 1}, transient=True))
+    if last == 0 or restart:
+        body.append(chunks.start(turn.assistant_message_id))
     body += terminal_chunks(turn.status, turn.error, turn.usage)
     frames = [
         Frame(last + i, chunks.encode(c), c["type"] == chunks.FINISH)
         for i, c in enumerate(body, start=1)
     ]
     try:
-        await log.append(turn.id, frames)
+        await log.append(turn.id, frames, epoch=CLOSER_EPOCH, ttl=retention, restart=restart)
     except StaleWriter:
-        return  # another writer closed it concurrently
-    await log.expire(turn.id, retention)
+        return  # another closer finished it concurrently

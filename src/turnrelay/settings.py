@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     # missed refreshes still leave the lease held; a crashed executor's session
     # is free again within one TTL.
     lease_ttl: Duration = 15.0
+    # Executor liveness: beaten every TTL/6, so an event-loop stall of up to
+    # ~2.5 s is no false takeover; a dead or frozen executor's sessions move on
+    # within about this long (the lease TTL is only the backstop).
+    liveness_ttl: Duration = Field(3.0, gt=0)
     # SSE comment cadence: below common proxy idle timeouts (30-60 s).
     heartbeat_interval: Duration = 10.0
     # How often the sweeper re-publishes a session head turn that was missed.

@@ -335,6 +335,48 @@ async def test_undispatched_heads(store: SqlChatStore) -> None:
     assert [t.session_id for t in await store.dispatched_active()] == [in_flight.id]
 
 
+async def test_an_unconfirmed_head_is_republished_and_a_confirmed_one_never(
+    store: SqlChatStore,
+) -> None:
+    """The publish outbox: a backlog waiting in the broker is left alone, a head
+    whose publisher died before the broker's confirm is handed out again."""
+    clock = TickingClock()
+    s = await store.create_session("alice")
+    a = (await store.submit_turn(new(s.id, "a"))).turn
+    head = await store.dispatch_next(s.id)
+    assert head is not None and head.id == a.id
+    later = clock() + timedelta(days=3650)  # any time after the dispatch
+    # not confirmed: republished, but only once it is older than the cutoff
+    assert await store.dispatch_next(s.id, republish_before=head.created_at) is None
+    again = await store.dispatch_next(s.id, republish_before=later)
+    assert again is not None and again.id == a.id
+    assert [t.id for t in await store.unpublished_heads(later)] == [a.id]
+    assert await store.unpublished_heads(head.created_at) == []
+    # confirmed: left alone, however long it waits in the broker
+    await store.mark_published(a.id)
+    assert await store.dispatch_next(s.id, republish_before=later) is None
+    assert await store.unpublished_heads(later) == []
+    # a running head is never republished from here (the lease rules cover it)
+    b_session = await store.create_session("alice")
+    b = (await store.submit_turn(new(b_session.id, "b"))).turn
+    await store.dispatch_next(b_session.id)
+    await store.start_turn(b.id, 0)
+    assert await store.dispatch_next(b_session.id, republish_before=later) is None
+    assert await store.unpublished_heads(later) == []
+    running = await store.dispatched_active(running_only=True)
+    assert [t.id for t in running] == [b.id]
+
+
+async def test_submit_to_an_idle_session_dispatches_unconfirmed(store: SqlChatStore) -> None:
+    s = await store.create_session("alice")
+    t = (await store.submit_turn(new(s.id, "a", dispatch_if_idle=True))).turn
+    assert t.dispatched
+    far = datetime(2100, 1, 1, tzinfo=UTC)
+    assert [h.id for h in await store.unpublished_heads(far)] == [t.id]
+    await store.mark_published(t.id)
+    assert await store.unpublished_heads(far) == []
+
+
 async def test_count_active_for_user(store: SqlChatStore) -> None:
     s = await store.create_session("alice")
     assert await store.count_active_for_user("alice") == 0

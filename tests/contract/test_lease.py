@@ -27,6 +27,7 @@ TTL = 0.5
 BEFORE = 0.3  # well inside a TTL
 AFTER = TTL + 0.1  # past a TTL
 BOUND = 3.0
+LIVE = 60.0  # a liveness that outlasts any test
 
 
 @dataclass
@@ -52,17 +53,26 @@ class Harness:
 async def harness(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Harness]:
     if request.param == "memory":
         clock = ManualClock()
-        yield Harness(MemoryLease(clock), clock)
+        memory = MemoryLease(clock)
+        await _alive(memory)
+        yield Harness(memory, clock)
         return
     url: str = request.getfixturevalue("redis_url")
     prefix = f"test-{unique}"
     lease = RedisLease(url, key_prefix=prefix)
     await lease.startup()
+    await _alive(lease)
     try:
         yield Harness(lease, None)
     finally:
         await lease.shutdown()
         await delete_redis_prefix(url, prefix)
+
+
+async def _alive(lease: Lease) -> None:
+    """The owners of these tests are live executors (an owner that never beat is dead)."""
+    for owner in ("a", "b"):
+        await lease.beat(owner, LIVE, [])
 
 
 async def test_acquire_and_holder(harness: Harness) -> None:
@@ -120,6 +130,56 @@ async def test_refresh_of_an_expired_unclaimed_lease_fails(harness: Harness) -> 
     assert await lease.holder("s1") is None
 
 
+async def test_a_lapsed_holders_lease_is_taken_over_within_its_ttl(harness: Harness) -> None:
+    """A frozen or dead executor's sessions move on once its liveness lapses,
+    long before the lease TTL."""
+    lease = harness.lease
+    await lease.beat("frozen", TTL, ["turn-1"])
+    assert await lease.acquire("s1", "frozen", 60)
+    assert not await lease.acquire("s1", "b", 60)  # alive: refused
+    assert await lease.holder("s1") == "frozen"
+    await harness.elapse(AFTER)  # no beat for a liveness TTL
+    assert await lease.holder("s1") is None  # a dead holder holds nothing
+    assert await lease.acquire("s1", "b", 60)
+    assert await lease.holder("s1") == "b"
+    # the frozen owner wakes up: its refresh fails, it cannot release b's lease
+    await lease.beat("frozen", LIVE, [])
+    assert not await lease.refresh("s1", "frozen", 60)
+    assert not await lease.release("s1", "frozen")
+    assert not await lease.acquire("s1", "frozen", 60)  # b is alive
+    assert await lease.holder("s1") == "b"
+
+
+async def test_an_owner_that_never_beat_is_dead(harness: Harness) -> None:
+    lease = harness.lease
+    assert await lease.acquire("s1", "ghost", 60)
+    assert await lease.holder("s1") is None
+    assert await lease.acquire("s1", "a", 60)
+
+
+async def test_reap_hands_a_lapsed_owners_holdings_to_one_caller(harness: Harness) -> None:
+    lease = harness.lease
+    await lease.beat("x", TTL, ["t1 s1", "t2 s2"])
+    await lease.beat("y", TTL, ["t3 s3"])
+    assert await lease.reap() == []  # both alive
+    await harness.elapse(AFTER)
+    await lease.beat("y", LIVE, ["t3 s3"])  # y is still alive, x froze
+    first, second = await asyncio.gather(lease.reap(), lease.reap())
+    assert sorted(first + second) == ["t1 s1", "t2 s2"]
+    assert await lease.reap() == []  # once only
+    await lease.beat("x", TTL, ["t4 s4"])  # x wakes up: registered again
+    await harness.elapse(AFTER)
+    assert await lease.reap() == ["t4 s4"]
+
+
+async def test_leave_forgets_an_owner(harness: Harness) -> None:
+    lease = harness.lease
+    await lease.beat("x", TTL, ["t1 s1"])
+    await lease.leave("x")
+    await harness.elapse(AFTER)
+    assert await lease.reap() == []  # a clean stop leaves nothing to reap
+
+
 @pytest.mark.redis
 async def test_redis_lease_key_layout(redis_url: str, unique: str) -> None:
     prefix = f"test-{unique}"
@@ -146,6 +206,9 @@ async def test_redis_unreachable_is_backend_unavailable() -> None:
             lambda: lease.refresh("s1", "a", 1),
             lambda: lease.release("s1", "a"),
             lambda: lease.holder("s1"),
+            lambda: lease.beat("a", 1, []),
+            lambda: lease.reap(),
+            lambda: lease.leave("a"),
         ]
         for call in calls:
             with pytest.raises(BackendUnavailable) as caught:

@@ -20,13 +20,20 @@ def decoded(frames: list[Frame]) -> list[dict]:
     return [json.loads(f.data) for f in frames]
 
 
+TTL = 60.0
+
+
+def writer_for(log: MemoryEventLog, next_seq: int = 1, epoch: int = 1, **kw) -> FrameWriter:  # type: ignore[no-untyped-def]
+    return FrameWriter(log, "t", next_seq, epoch=epoch, ttl=TTL, **kw)
+
+
 async def read_all(log: MemoryEventLog, turn: str, after: int = 0) -> list[Frame]:
     return (await log.read({turn: after})).get(turn, [])
 
 
 async def test_deltas_written_while_a_write_is_in_flight_are_coalesced() -> None:
     log = MemoryEventLog()
-    writer = FrameWriter(log, "t", 1)
+    writer = writer_for(log)
     writer.add(chunks.start("m"), chunks.text_start("a"))
     for word in ("one", " two", " three"):
         writer.add(chunks.text_delta("a", word))
@@ -40,8 +47,8 @@ async def test_deltas_written_while_a_write_is_in_flight_are_coalesced() -> None
 
 async def test_stale_writer_surfaces_on_flush() -> None:
     log = MemoryEventLog()
-    await log.append("t", [Frame(1, "{}"), Frame(2, "{}")])
-    writer = FrameWriter(log, "t", 2)  # thinks the log ends at 1
+    await log.append("t", [Frame(1, "{}"), Frame(2, "{}")], epoch=1, ttl=TTL)
+    writer = writer_for(log, 2)  # thinks the log ends at 1
     writer.add(chunks.start("m"))
     with pytest.raises(StaleWriter):
         await writer.flush()
@@ -49,10 +56,28 @@ async def test_stale_writer_surfaces_on_flush() -> None:
         writer.add(chunks.abort())
 
 
+async def test_a_newer_attempt_fences_the_writer_out_whoever_writes_first() -> None:
+    log = MemoryEventLog()
+    old = writer_for(log, epoch=1)
+    old.add(chunks.start("m"), chunks.text_start("a"))
+    await old.flush()
+    info = await log.claim("t", 2, TTL)  # attempt 2 takes the turn over
+    old.add(chunks.text_delta("a", "written after the takeover"))  # the old owner wakes up
+    with pytest.raises(StaleWriter):
+        await old.flush()
+    new = writer_for(log, info.last_seq + 1, epoch=2)
+    new.add(chunks.data("turn-retry", {"attempt": 2}, transient=True))
+    await new.flush()  # the new owner is not stuck behind the old one's frame
+    kinds = [c["type"] for c in decoded(await read_all(log, "t"))]
+    assert kinds == ["start", "text-start", "data-turn-retry"]
+    await old.close()
+    await new.close()
+
+
 async def test_a_lost_log_restarts_with_a_reset_and_a_snapshot() -> None:
     log = MemoryEventLog()
     asm = Assembler()
-    writer = FrameWriter(log, "t", 1, snapshot=lambda: [chunks.start("m"), *asm.snapshot()])
+    writer = writer_for(log, snapshot=lambda: [chunks.start("m"), *asm.snapshot()])
     writer.add(chunks.start("m"))
     for event in (StepStart(), TextDelta("hello"), TextDelta(" wor")):
         writer.add(*asm.feed(event))
@@ -85,20 +110,25 @@ class FlakyLog(MemoryEventLog):
         self.failures = failures
         self.landed = landed
 
-    async def append(self, turn_id: str, frames, *, restart: bool = False) -> None:  # type: ignore[no-untyped-def]
+    async def append(self, turn_id: str, frames, **kw) -> None:  # type: ignore[no-untyped-def, override]
         if self.failures:
             self.failures -= 1
             if self.landed:
                 self.landed = False
-                await super().append(turn_id, frames, restart=restart)
+                await super().append(turn_id, frames, **kw)
             raise BackendUnavailable("connection reset")
-        await super().append(turn_id, frames, restart=restart)
+        await super().append(turn_id, frames, **kw)
+
+    async def info(self, turn_id: str):  # type: ignore[no-untyped-def, override]
+        raise BackendUnavailable("still restarting")  # Redis answers nothing but appends
 
 
 @pytest.mark.parametrize("landed", [False, True])
 async def test_an_outage_is_retried_without_duplicating_a_landed_write(landed: bool) -> None:
+    """A write whose reply was lost is sent again; the rightful writer is never
+    called stale for its own landed batch, whatever else fails meanwhile."""
     log = FlakyLog(failures=2, landed=landed)
-    writer = FrameWriter(log, "t", 1)
+    writer = writer_for(log)
     writer.add(chunks.start("m"), chunks.text_start("a"), chunks.text_delta("a", "x"))
     await asyncio.wait_for(writer.flush(), 10)
     frames = await read_all(log, "t")
@@ -106,4 +136,29 @@ async def test_an_outage_is_retried_without_duplicating_a_landed_write(landed: b
     writer.add(chunks.text_end("a"))
     await writer.flush()
     assert [f.seq for f in await read_all(log, "t")] == [1, 2, 3, 4]
+    await writer.close()
+
+
+async def test_restore_rebuilds_a_log_lost_during_a_silent_stretch() -> None:
+    """The heartbeat finds the log gone while nothing is being written (a long
+    tool call): the writer restarts it at once, without waiting for a chunk."""
+    log = MemoryEventLog()
+    asm = Assembler()
+    writer = writer_for(log, snapshot=lambda: [chunks.start("m"), *asm.snapshot()])
+    writer.add(chunks.start("m"))
+    for event in (StepStart(), TextDelta("so far")):
+        writer.add(*asm.feed(event))
+    await writer.flush()
+    last = (await log.info("t")).last_seq
+    await log.delete("t")
+    writer.restore()
+    await writer.flush()
+    after = await read_all(log, "t")
+    assert after[0].seq == last + 1
+    kinds = [c["type"] for c in decoded(after)]
+    assert kinds[:3] == ["data-stream-reset", "start", "start-step"]
+    assert "".join(c["delta"] for c in decoded(after) if c["type"] == "text-delta") == "so far"
+    writer.add(*asm.feed(TextDelta(".")))
+    await writer.flush()
+    assert (await log.info("t")).last_seq == after[-1].seq + 1
     await writer.close()

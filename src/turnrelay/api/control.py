@@ -124,6 +124,10 @@ class TurnControl:
                     self.settings.stream_retention,
                 )
             raise PublishFailed(f"the turn could not be queued: {exc.detail}") from exc
+        # Confirmed: the sweeper leaves this head alone however long it waits in
+        # the broker. (Failing here leaves it to the sweeper, which republishes.)
+        with contextlib.suppress(TurnrelayError):
+            await self.store.mark_published(head.id)
 
     async def cancel(self, session_id: str, user_id: str) -> CancelResult:
         _, active = await asyncio.gather(
@@ -146,10 +150,12 @@ class TurnControl:
             return CancelResult(True, head.id)
         return CancelResult(False, head.id, "timeout")
 
-    async def _stop(self, turn: TurnRecord, *, flag: bool = True) -> bool:
+    async def _stop(self, turn: TurnRecord, *, flag: bool = True, dispatch: bool = True) -> bool:
         """End ``turn``; True when it is already terminal (a queued turn ended here).
         A running turn gets the cancel broadcast and, with ``flag``, the database flag
-        its executor's heartbeat reads should the broadcast have been missed."""
+        its executor's heartbeat reads should the broadcast have been missed. A
+        queued turn ended here lets the session's next one go, unless ``dispatch``
+        is off (the session is being deleted)."""
         if turn.status is TurnStatus.QUEUED:
             outcome = TurnOutcome(TurnStatus.CANCELLED, error=None)
             if await self.store.finish_turn(turn.id, 0, outcome):
@@ -158,8 +164,8 @@ class TurnControl:
                     await self.store.get_turn(turn.id),
                     self.settings.stream_retention,
                 )
-                # It may have been the dispatched head: let the next one go.
-                await self.publish_head(turn.session_id)
+                if dispatch:  # it may have been the dispatched head: let the next one go
+                    await self.publish_head(turn.session_id)
                 return True
         if flag:
             await asyncio.gather(
@@ -190,7 +196,10 @@ class TurnControl:
     async def delete(self, session_id: str, user_id: str) -> None:
         await self.store.get_session(session_id, user_id)
         active = await self.store.active_turns(session_id)
-        running = [t for t in active if not await self._stop(t)]
+        # Queued turns first, and without dispatching the next one: nothing of a
+        # session being deleted may start running now.
+        active.sort(key=lambda t: t.status is TurnStatus.RUNNING)
+        running = [t for t in active if not await self._stop(t, dispatch=False)]
         for turn in running:
             await self._wait_terminal(turn.id, CANCEL_WAIT)
         for turn_id in {m.turn_id for m in await self.store.messages(session_id)}:

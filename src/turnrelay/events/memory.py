@@ -1,11 +1,17 @@
 """The in-process EventLog: the embedded mode's twin of ``RedisEventLog``.
 
 It keeps the Redis semantics that callers depend on: a batch is fenced as a
-whole (a stale batch writes nothing), a log that passed its expiry time is
-absent (``NotFound``, missing from ``read``), ``touch``/``expire`` on an absent
-log do nothing, and a blocking ``read`` wakes on an append to any requested turn.
+whole, by epoch and by seq (a stale batch writes nothing), an identical re-sent
+batch is a no-op, the epoch outlives its log for the claim's ``ttl`` (as the
+epoch key does in Redis), a log that passed its expiry time is absent
+(``NotFound``, missing from ``read``), ``touch``/``expire`` on an absent log do
+nothing, and a blocking ``read`` wakes on an append to any requested turn.
 Expiry runs on the injectable clock; the ``block`` timeout of ``read`` is real
 time, because it is a wait on the event loop rather than a retention policy.
+
+Expired logs are freed, not just hidden: every ``PURGE_EVERY`` seconds of the
+clock, the next operation drops every log and epoch past its expiry, so a
+long-running ``serve`` holds only the logs still within their retention.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from dataclasses import dataclass, field
 
 from turnrelay.clock import Clock, SystemClock
 from turnrelay.errors import LogLost, NotFound, StaleWriter
-from turnrelay.events.base import Frame, LogInfo
+from turnrelay.events.base import Frame, LogInfo, check_increasing
+
+# How often (clock seconds) expired logs are freed.
+PURGE_EVERY = 60.0
 
 
 @dataclass(slots=True)
@@ -26,22 +35,19 @@ class _Log:
     expires_at: float | None = None  # clock time; None keeps the log until deleted
 
 
-def _check_batch(turn_id: str, frames: Sequence[Frame], last_seq: int) -> None:
-    """Raise ``StaleWriter`` unless every ``seq`` exceeds the one before it,
-    starting above ``last_seq``; checked before anything is written."""
-    previous = last_seq
-    for frame in frames:
-        if frame.seq <= previous:
-            raise StaleWriter(
-                f"turn {turn_id}: frame seq {frame.seq} is not greater than {previous}"
-            )
-        previous = frame.seq
+@dataclass(slots=True)
+class _Epoch:
+    epoch: int
+    base: int  # the log's last seq when this epoch claimed it
+    expires_at: float
 
 
 class MemoryEventLog:
     def __init__(self, clock: Clock | None = None) -> None:
         self._clock = clock or SystemClock()
         self._logs: dict[str, _Log] = {}
+        self._epochs: dict[str, _Epoch] = {}
+        self._next_purge = self._clock.now() + PURGE_EVERY
         # Notified on every append; readers re-check their own turns.
         self._appended = asyncio.Condition()
 
@@ -51,23 +57,97 @@ class MemoryEventLog:
     async def shutdown(self) -> None:
         pass
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """Logs and frames held (expired ones not yet freed included)."""
+        return len(self._logs), sum(len(log.frames) for log in self._logs.values())
+
+    @property
+    def epochs(self) -> int:
+        """Epoch fences held (expired ones not yet freed included)."""
+        return len(self._epochs)
+
+    def _purge(self, now: float) -> None:
+        if now < self._next_purge:
+            return
+        self._next_purge = now + PURGE_EVERY
+        for turn_id in [t for t, log in self._logs.items() if _expired(log.expires_at, now)]:
+            del self._logs[turn_id]
+        for turn_id in [t for t, e in self._epochs.items() if e.expires_at <= now]:
+            del self._epochs[turn_id]
+
     def _live(self, turn_id: str) -> _Log | None:
+        now = self._clock.now()
+        self._purge(now)
         log = self._logs.get(turn_id)
-        if log is not None and log.expires_at is not None and self._clock.now() >= log.expires_at:
+        if log is not None and _expired(log.expires_at, now):
             del self._logs[turn_id]
             return None
         return log
 
-    async def append(self, turn_id: str, frames: Sequence[Frame], *, restart: bool = False) -> None:
+    def _epoch(self, turn_id: str) -> _Epoch | None:
+        current = self._epochs.get(turn_id)
+        if current is not None and current.expires_at <= self._clock.now():
+            del self._epochs[turn_id]
+            return None
+        return current
+
+    async def claim(self, turn_id: str, epoch: int, ttl: float) -> LogInfo:
+        log = self._live(turn_id)
+        last = log.frames[-1].seq if log and log.frames else 0
+        current = self._epoch(turn_id)
+        if current is not None and current.epoch > epoch:
+            raise StaleWriter(f"turn {turn_id}: epoch {epoch} is behind {current.epoch}")
+        expires_at = self._clock.now() + ttl
+        if current is None or current.epoch < epoch:
+            self._epochs[turn_id] = _Epoch(epoch, last, expires_at)
+        else:
+            current.expires_at = max(current.expires_at, expires_at)
+        if log is None:
+            return LogInfo(first_seq=0, last_seq=0, terminal=False, exists=False)
+        return _info(log)
+
+    async def append(
+        self,
+        turn_id: str,
+        frames: Sequence[Frame],
+        *,
+        epoch: int,
+        ttl: float,
+        restart: bool = False,
+    ) -> None:
         if not frames:
             return
+        check_increasing(turn_id, frames)
         log = self._live(turn_id)
+        current = self._epoch(turn_id)
+        if current is not None and current.epoch > epoch:
+            raise StaleWriter(f"turn {turn_id}: epoch {epoch} is behind {current.epoch}")
         if log is None and frames[0].seq > 1 and not restart:
             raise LogLost(f"turn {turn_id}: the event log is gone before seq {frames[0].seq}")
-        _check_batch(turn_id, frames, log.frames[-1].seq if log and log.frames else 0)
+        last = log.frames[-1].seq if log and log.frames else 0
+        if frames[0].seq <= last:
+            assert log is not None
+            if (
+                current is not None
+                and current.epoch == epoch
+                and frames[0].seq > current.base
+                and frames[-1].seq <= last
+                and _held(log, frames[0])
+            ):
+                return  # this writer's own batch, sent again after a lost reply
+            raise StaleWriter(
+                f"turn {turn_id}: frame seq {frames[0].seq} is not greater than {last}"
+            )
+        now = self._clock.now()
+        if current is None or current.epoch < epoch:
+            self._epochs[turn_id] = _Epoch(epoch, frames[0].seq - 1, now + ttl)
+        else:
+            current.expires_at = max(current.expires_at, now + ttl)
         if log is None:
             log = self._logs[turn_id] = _Log()
         log.frames.extend(frames)
+        log.expires_at = now + ttl
         async with self._appended:
             self._appended.notify_all()
 
@@ -75,10 +155,7 @@ class MemoryEventLog:
         log = self._live(turn_id)
         if log is None:
             raise NotFound(f"turn {turn_id} has no event log")
-        if not log.frames:
-            return LogInfo(first_seq=0, last_seq=0, terminal=False)
-        last = log.frames[-1]
-        return LogInfo(first_seq=log.frames[0].seq, last_seq=last.seq, terminal=last.terminal)
+        return _info(log)
 
     def _ready(self, cursors: Mapping[str, int], count: int) -> dict[str, list[Frame]]:
         result: dict[str, list[Frame]] = {}
@@ -105,16 +182,40 @@ class MemoryEventLog:
             return {}
         return ready
 
-    async def touch(self, turn_id: str, ttl: float) -> None:
+    async def touch(self, turn_id: str, ttl: float) -> bool:
         log = self._live(turn_id)
-        if log is not None:
-            log.expires_at = self._clock.now() + ttl
+        expires_at = self._clock.now() + ttl
+        current = self._epoch(turn_id)
+        if current is not None:
+            current.expires_at = max(current.expires_at, expires_at)
+        if log is None:
+            return False
+        log.expires_at = expires_at
+        return True
 
     async def expire(self, turn_id: str, retention: float) -> None:
         await self.touch(turn_id, retention)
 
     async def delete(self, turn_id: str) -> None:
         self._logs.pop(turn_id, None)
+        self._epochs.pop(turn_id, None)
 
     async def ping(self) -> None:
         pass
+
+
+def _expired(expires_at: float | None, now: float) -> bool:
+    return expires_at is not None and now >= expires_at
+
+
+def _info(log: _Log) -> LogInfo:
+    if not log.frames:
+        return LogInfo(first_seq=0, last_seq=0, terminal=False)
+    last = log.frames[-1]
+    return LogInfo(first_seq=log.frames[0].seq, last_seq=last.seq, terminal=last.terminal)
+
+
+def _held(log: _Log, frame: Frame) -> bool:
+    """The log holds exactly ``frame`` at its seq."""
+    index = bisect.bisect_left(log.frames, frame.seq, key=lambda f: f.seq)
+    return index < len(log.frames) and log.frames[index] == frame

@@ -1,28 +1,32 @@
 """The EventLog on Redis Streams: one stream per turn.
 
-The stream key is ``{prefix}:turn:{<turn_id>}:log``; the braces are a Redis
-Cluster hash tag, so every key of one turn lives on one shard. Each frame is an
-entry with the explicit id ``0-<seq>`` and the fields ``d`` (the chunk's JSON)
-and ``t`` (``"1"`` on the terminal frame only). Redis refuses an ``XADD`` whose id
-is not above the stream's top id, which is the fence against a stale writer.
+The stream key is ``{prefix}:turn:{<turn_id>}:log`` and its epoch (the fence)
+is the hash ``{prefix}:turn:{<turn_id>}:epoch`` (fields ``e``, the epoch, and
+``b``, the log's last seq when that epoch claimed it); the braces are a Redis
+Cluster hash tag, so every key of one turn lives on one shard and one script
+can touch both. Each frame is an entry with the explicit id ``0-<seq>`` and the
+fields ``d`` (the chunk's JSON) and ``t`` (``"1"`` on the terminal frame only).
 
-A batch is appended by one Lua script (one round trip, atomic). It refuses a
-batch starting above seq 1 on a stream that does not exist (``LogLost``: Redis
-restarted empty under a running turn) unless the writer says it is restarting
-the log. Its frames are
-checked to be increasing before sending, so only the first ``XADD`` can hit the
-fence, and when it does nothing of the batch is written. A plain pipeline would
-let the tail of a stale batch land after a newer writer's frames.
+``claim`` and ``append`` are Lua scripts (one round trip, atomic). ``append``
+refuses a lower epoch than the stored one (``STALE``), a batch starting above
+seq 1 on a stream that does not exist (``LOGLOST``: Redis restarted empty under
+a running turn) unless the writer says it is restarting the log, and a batch at
+seqs the stream already holds, unless it is the same epoch's identical batch
+sent again (then it is a no-op: the answer to a lost reply). Its frames are
+checked to be increasing before sending, so only the first ``XADD`` can meet
+the stream's top id, and when anything is refused nothing of the batch is
+written. Every append and touch sets both keys' expiry, so no key of a turn is
+ever left without one.
 
 Blocking reads run on their own connection pool, so an ``XREAD BLOCK`` never
 holds a connection that appends and lease refreshes are waiting for. Cancelling
 a blocked read makes redis-py drop that connection rather than return it to
 the pool with a reply still in flight.
 
-Neither pool retries on its own: redis-py's default retry would resend an
-``XADD`` whose first attempt may have landed, and report that writer stale.
-Idempotent commands are retried once here on a connection error (a pooled
-connection that died with a Redis restart).
+Neither pool retries on its own: redis-py's default retry would resend
+commands behind the caller's back. Idempotent commands are retried once here on
+a connection error (a pooled connection that died with a Redis restart); an
+``append`` is idempotent too, and its caller resends it.
 """
 
 from __future__ import annotations
@@ -38,8 +42,14 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from turnrelay.errors import BackendUnavailable, LogLost, NotFound, StaleWriter
-from turnrelay.events.base import Frame, LogInfo
+from turnrelay.errors import (
+    BackendUnavailable,
+    LogLost,
+    NotFound,
+    StaleWriter,
+    TurnrelayError,
+)
+from turnrelay.events.base import Frame, LogInfo, check_increasing
 
 T = TypeVar("T")
 
@@ -51,20 +61,85 @@ CONNECT_TIMEOUT = 5.0
 # as a hung connection.
 BLOCK_GRACE = 5.0
 
+# KEYS: stream, epoch hash. ARGV: maxlen, restart flag, epoch, ttl ms, then
+# (seq, data, terminal flag) per frame.
 _APPEND = """
-if ARGV[2] ~= '1' and tonumber(ARGV[3]) > 1 and redis.call('EXISTS', KEYS[1]) == 0 then
+local epoch = tonumber(ARGV[3])
+local current = tonumber(redis.call('HGET', KEYS[2], 'e') or '-1')
+if current > epoch then
+  return redis.error_reply('STALE epoch ' .. ARGV[3] .. ' is behind ' .. current)
+end
+local first = tonumber(ARGV[5])
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+if not exists and ARGV[2] ~= '1' and first > 1 then
   return redis.error_reply('LOGLOST the event log is gone')
 end
-local n = 0
-for i = 3, #ARGV, 3 do
+local last = 0
+if exists then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      last = tonumber(string.match(info[i + 1], '-(%d+)$'))
+    end
+  end
+end
+if first <= last then
+  local base = tonumber(redis.call('HGET', KEYS[2], 'b') or '0')
+  local final = tonumber(ARGV[#ARGV - 2])
+  if current == epoch and first > base and final <= last then
+    local held = redis.call('XRANGE', KEYS[1], '0-' .. first, '0-' .. first)
+    if held[1] and held[1][2][2] == ARGV[6] then
+      return 0
+    end
+  end
+  return redis.error_reply('STALE seq ' .. first .. ' is not above ' .. last)
+end
+if current < epoch then
+  redis.call('HSET', KEYS[2], 'e', epoch, 'b', first - 1)
+end
+for i = 5, #ARGV, 3 do
   if ARGV[i + 2] == '1' then
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-' .. ARGV[i], 'd', ARGV[i + 1], 't', '1')
   else
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-' .. ARGV[i], 'd', ARGV[i + 1])
   end
-  n = n + 1
 end
-return n
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+# KEYS: stream, epoch hash. ARGV: epoch, ttl ms. Returns {exists, first, last, terminal}.
+_CLAIM = """
+local epoch = tonumber(ARGV[1])
+local current = tonumber(redis.call('HGET', KEYS[2], 'e') or '-1')
+if current > epoch then
+  return redis.error_reply('STALE epoch ' .. ARGV[1] .. ' is behind ' .. current)
+end
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+local first, last, terminal = 0, 0, 0
+if exists then
+  local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if head[1] then
+    first = tonumber(string.match(head[1][1], '-(%d+)$'))
+    last = tonumber(string.match(top[1][1], '-(%d+)$'))
+    if top[1][2][3] == 't' then terminal = 1 end
+  end
+end
+if current < epoch then
+  redis.call('HSET', KEYS[2], 'e', epoch, 'b', last)
+end
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return {exists and 1 or 0, first, last, terminal}
+"""
+
+# KEYS: stream, epoch hash. ARGV: ttl ms. Returns 1 when the stream exists.
+_TOUCH = """
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return redis.call('PEXPIRE', KEYS[1], ARGV[1])
 """
 
 
@@ -111,6 +186,16 @@ def connect(url: str, *, socket_timeout: float | None) -> aioredis.Redis:
     return client
 
 
+def _refused(turn_id: str, exc: rexc.ResponseError) -> TurnrelayError:
+    """What a script's error reply means, in the error tree."""
+    text = str(exc)
+    if "LOGLOST" in text:
+        return LogLost(f"turn {turn_id}: the event log is gone")
+    if "STALE" in text:
+        return StaleWriter(f"turn {turn_id}: {text.partition('STALE ')[2]}")
+    return BackendUnavailable(f"Redis refused a write to turn {turn_id}: {text}")
+
+
 def _seq(entry_id: str) -> int:
     return int(entry_id.partition("-")[2])
 
@@ -132,9 +217,14 @@ class RedisEventLog:
         self._client: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
         self._append_script: Any = None
+        self._claim_script: Any = None
+        self._touch_script: Any = None
 
     def key(self, turn_id: str) -> str:
         return f"{self._prefix}:turn:{{{turn_id}}}:log"
+
+    def epoch_key(self, turn_id: str) -> str:
+        return f"{self._prefix}:turn:{{{turn_id}}}:epoch"
 
     async def startup(self) -> None:
         # No I/O: a process starts while Redis is down and reports it on /ready.
@@ -142,10 +232,13 @@ class RedisEventLog:
             self._client = connect(self._url, socket_timeout=SOCKET_TIMEOUT)
             self._blocking = connect(self._url, socket_timeout=None)
             self._append_script = self._client.register_script(_APPEND)
+            self._claim_script = self._client.register_script(_CLAIM)
+            self._touch_script = self._client.register_script(_TOUCH)
 
     async def shutdown(self) -> None:
         clients = [c for c in (self._client, self._blocking) if c is not None]
-        self._client = self._blocking = self._append_script = None
+        self._client = self._blocking = None
+        self._append_script = self._claim_script = self._touch_script = None
         for client in clients:
             await client.aclose()
 
@@ -155,34 +248,44 @@ class RedisEventLog:
             raise RuntimeError("RedisEventLog used before startup()")
         return self._client
 
-    async def append(self, turn_id: str, frames: Sequence[Frame], *, restart: bool = False) -> None:
-        if not frames:
-            return
-        previous = 0
-        for frame in frames:
-            if frame.seq <= previous:
-                raise StaleWriter(
-                    f"turn {turn_id}: frame seq {frame.seq} is not greater than {previous}"
-                )
-            previous = frame.seq
-        args: list[str | int] = [self._maxlen, "1" if restart else "0"]
-        for frame in frames:
-            args += [frame.seq, frame.data, "1" if frame.terminal else "0"]
+    def _scripts(self) -> tuple[Any, Any, Any]:
         if self._append_script is None:
             raise RuntimeError("RedisEventLog used before startup()")
+        return self._append_script, self._claim_script, self._touch_script
+
+    async def claim(self, turn_id: str, epoch: int, ttl: float) -> LogInfo:
+        _, claim, _ = self._scripts()
+        keys = [self.key(turn_id), self.epoch_key(turn_id)]
         with redis_errors(self._safe_url):
             try:
-                await self._append_script(keys=[self.key(turn_id)], args=args)
+                raw = await retry_once(lambda: claim(keys=keys, args=[epoch, _ms(ttl)]))
             except rexc.ResponseError as exc:
-                if "LOGLOST" in str(exc):
-                    raise LogLost(
-                        f"turn {turn_id}: the event log is gone before seq {frames[0].seq}"
-                    ) from exc
-                if "equal or smaller" not in str(exc):
-                    raise
-                raise StaleWriter(
-                    f"turn {turn_id}: seq {frames[0].seq} is not above the log's last frame"
-                ) from exc
+                raise _refused(turn_id, exc) from exc
+        exists, first, last, terminal = (int(v) for v in raw)
+        return LogInfo(first, last, bool(terminal), exists=bool(exists))
+
+    async def append(
+        self,
+        turn_id: str,
+        frames: Sequence[Frame],
+        *,
+        epoch: int,
+        ttl: float,
+        restart: bool = False,
+    ) -> None:
+        if not frames:
+            return
+        check_increasing(turn_id, frames)
+        args: list[str | int] = [self._maxlen, "1" if restart else "0", epoch, _ms(ttl)]
+        for frame in frames:
+            args += [frame.seq, frame.data, "1" if frame.terminal else "0"]
+        append, _, _ = self._scripts()
+        keys = [self.key(turn_id), self.epoch_key(turn_id)]
+        with redis_errors(self._safe_url):
+            try:
+                await append(keys=keys, args=args)
+            except rexc.ResponseError as exc:
+                raise _refused(turn_id, exc) from exc
 
     async def info(self, turn_id: str) -> LogInfo:
         client = self._redis
@@ -232,18 +335,20 @@ class RedisEventLog:
                 result[turn_of[key]] = [_frame(entry_id, fields) for entry_id, fields in entries]
         return result
 
-    async def touch(self, turn_id: str, ttl: float) -> None:
-        client = self._redis
+    async def touch(self, turn_id: str, ttl: float) -> bool:
+        _, _, touch = self._scripts()
+        keys = [self.key(turn_id), self.epoch_key(turn_id)]
         with redis_errors(self._safe_url):
-            await retry_once(lambda: client.pexpire(self.key(turn_id), _ms(ttl)))
+            return bool(await retry_once(lambda: touch(keys=keys, args=[_ms(ttl)])))
 
     async def expire(self, turn_id: str, retention: float) -> None:
         await self.touch(turn_id, retention)
 
     async def delete(self, turn_id: str) -> None:
         client = self._redis
+        keys = [self.key(turn_id), self.epoch_key(turn_id)]
         with redis_errors(self._safe_url):
-            await retry_once(lambda: client.delete(self.key(turn_id)))
+            await retry_once(lambda: client.delete(*keys))
 
     async def ping(self) -> None:
         client = self._redis

@@ -8,16 +8,20 @@ faster than the log accepts therefore costs fewer, larger writes, and a slow
 model costs nothing extra.
 
 ``seq`` numbers are assigned when a batch is written, continuing from the log's
-last frame (a retried attempt continues the sequence). A ``StaleWriter`` from
-the log means another executor owns the turn now: the writer stops and
-re-raises it to whoever flushes next.
+last frame (a retried attempt continues the sequence). Every append carries
+the writer's epoch (the attempt it writes for, which its runner claimed the log
+with before reading where it ends): a ``StaleWriter`` from the log means a
+newer attempt owns the turn now, and the writer stops and re-raises it to
+whoever flushes next.
 
-Redis may restart empty under a running turn. Appends are retried while the
-log is unreachable (``OUTAGE_BUDGET``), checking first whether the last write
-landed after all; and when the log turns out to be gone (``LogLost``), the
-writer restarts it at the next ``seq`` with a ``data-stream-reset`` frame and
-a snapshot of the message so far, so a reader that was caught up rebuilds the
-message, and older cursors answer 410.
+Redis may restart empty under a running turn. While the log is unreachable the
+same batch is sent again (``OUTAGE_BUDGET``): appends are idempotent within an
+epoch, so a batch that landed before its reply was lost is not written twice,
+and the rightful writer is never called stale for it. When the log turns out to
+be gone (``LogLost`` on an append, or ``restore()`` after the heartbeat found
+it missing during a silent stretch), the writer restarts it at the next ``seq``
+with a ``data-stream-reset`` frame and a snapshot of the message so far, so a
+reader that was caught up rebuilds the message, and older cursors answer 410.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import json
 import logging
 from collections.abc import Callable
 
-from turnrelay.errors import BackendUnavailable, LogLost, NotFound
+from turnrelay.errors import BackendUnavailable, LogLost, StaleWriter
 from turnrelay.events import chunks as wire
 from turnrelay.events.base import EventLog, Frame
 from turnrelay.events.chunks import Chunk
@@ -49,6 +53,8 @@ class FrameWriter:
         turn_id: str,
         next_seq: int,
         *,
+        epoch: int,
+        ttl: float,
         on_written: Callable[[int], None] | None = None,
         snapshot: Callable[[], list[Chunk]] | None = None,
         restart: bool = False,
@@ -56,6 +62,8 @@ class FrameWriter:
         self._log = log
         self._turn_id = turn_id
         self._next_seq = next_seq
+        self._epoch = epoch
+        self._ttl = ttl  # every append keeps the log this long
         self._buffer: list[Chunk] = []
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -67,6 +75,11 @@ class FrameWriter:
         self._snapshot = snapshot
         # The first append starts a new log mid-sequence (see EventLog.append).
         self._restart_next = restart
+        # The log vanished while nothing was being written: restart it now.
+        self._lost = False
+        # Called once when a newer epoch fences this writer out, so its run can
+        # stop at once rather than at its next chunk or heartbeat.
+        self.on_fenced: Callable[[], None] | None = None
 
     @property
     def last_seq(self) -> int:
@@ -103,6 +116,18 @@ class FrameWriter:
         self.add(*chunks)
         await self.flush()
 
+    def restore(self) -> None:
+        """The log is gone (the heartbeat's touch found nothing): restart it at
+        the next seq with a reset and the snapshot, without waiting for the
+        next chunk, which may be minutes away during a silent tool call."""
+        if self._error is not None or self._snapshot is None:
+            return
+        self._lost = True
+        self._idle.clear()
+        self._wakeup.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._pump(), name=f"frames:{self._turn_id}")
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -114,16 +139,20 @@ class FrameWriter:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            batch, self._buffer = self._buffer, []
-            if batch:
-                frames = self._number(batch)
-                try:
-                    await self._append(frames, restart=self._restart_next)
+            try:
+                if self._lost:
+                    self._lost = False
+                    await self._restart([])
+                batch, self._buffer = self._buffer, []
+                if batch:
+                    await self._append(self._number(batch), restart=self._restart_next)
                     self._restart_next = False
-                except Exception as exc:  # the writer is dead; flush() reports it
-                    self._error = exc
-                    self._idle.set()
-                    return
+            except Exception as exc:  # the writer is dead; flush() reports it
+                self._error = exc
+                self._idle.set()
+                if isinstance(exc, StaleWriter) and self.on_fenced is not None:
+                    self.on_fenced()
+                return
             if not self._buffer:
                 self._idle.set()
 
@@ -140,7 +169,9 @@ class FrameWriter:
         delay = 0.1
         while True:
             try:
-                await self._log.append(self._turn_id, frames, restart=restart)
+                await self._log.append(
+                    self._turn_id, frames, epoch=self._epoch, ttl=self._ttl, restart=restart
+                )
                 break
             except LogLost:
                 if restart or self._snapshot is None:
@@ -148,23 +179,11 @@ class FrameWriter:
                 await self._restart(frames)
                 return
             except BackendUnavailable:
+                # It may have landed: sending the same batch again is safe.
                 if loop.time() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-                try:
-                    info = await self._log.info(self._turn_id)
-                except NotFound:
-                    if frames[0].seq > 1 and not restart:
-                        if self._snapshot is None:
-                            raise LogLost(f"turn {self._turn_id}: event log lost") from None
-                        await self._restart(frames)
-                        return
-                    continue
-                except BackendUnavailable:
-                    continue
-                if info.last_seq >= frames[-1].seq:
-                    break  # the write landed before the connection broke
         if self._on_written is not None:
             self._on_written(len(frames))
 
@@ -174,7 +193,7 @@ class FrameWriter:
         every content chunk fed so far (the lost batch and the buffer); only the
         closing chunks (``error``, ``abort``, ``finish``) are carried over."""
         assert self._snapshot is not None
-        seq = lost[0].seq
+        seq = lost[0].seq if lost else self._next_seq
         log.warning("turn %s: event log lost; restarting it at seq %d", self._turn_id, seq)
         pending = [json.loads(f.data) for f in lost] + self._buffer
         self._buffer = []

@@ -17,6 +17,7 @@ CANCEL_MEMORY_SIZE = 10_000
 class StopReason(StrEnum):
     CANCEL = "cancel"  # a user asked: end the turn ``cancelled`` with its partial answer
     LEASE_LOST = "lease_lost"  # another executor owns the session now: write nothing
+    GONE = "gone"  # the turn's rows were deleted (its session was): write nothing
     SHUTDOWN = "shutdown"  # this executor is stopping: write nothing, leave it to a retry
 
 
@@ -33,9 +34,24 @@ class Run:
 
 
 class RunningTurns:
+    """Also what this executor holds leases for (``hold``/``unhold``): its
+    liveness beat publishes that list, so if the process freezes another
+    executor knows which turns to publish again."""
+
     def __init__(self) -> None:
         self._runs: dict[str, Run] = {}
         self._cancelled: OrderedDict[str, float] = OrderedDict()
+        self._held: dict[str, str] = {}  # turn_id -> session_id
+
+    def hold(self, turn_id: str, session_id: str) -> None:
+        self._held[turn_id] = session_id
+
+    def unhold(self, turn_id: str) -> None:
+        self._held.pop(turn_id, None)
+
+    @property
+    def held(self) -> dict[str, str]:
+        return dict(self._held)
 
     def __len__(self) -> int:
         return len(self._runs)

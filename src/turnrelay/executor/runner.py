@@ -9,14 +9,22 @@
     attempt n+1 (CAS) ── n reached max_attempts ──▶ failed
         │
         ▼
-    run the runtime, heartbeat refreshing lease + stream TTL
-        │
+    claim the log with epoch = attempt ─▶ run the runtime, heartbeat refreshing
+        │                                 lease + stream TTL, restoring a lost log
         ▼
     terminal CAS ──won──▶ terminal frames ─▶ release lease ─▶ dispatch next ─▶ ack
 
+The lease is taken over when its holder's liveness lapsed (a dead or frozen
+executor), so a delivery of a turn whose executor froze starts the next
+attempt instead of waiting out the lease. The new attempt claims the turn's
+log with its attempt number before reading where the log ends: from then on
+the frozen executor's appends are refused, whoever writes first.
+
 The ack comes last, after the terminal state and frames are persisted: if this
 process dies anywhere before it, the broker redelivers and the rules above make
-the redelivery safe.
+the redelivery safe. Every delivery is settled: a backend that is down, or any
+unexpected error, requeues it (a second look is safe); a ``StaleWriter`` (a
+newer attempt owns the turn, and holds its own delivery) acks it.
 """
 
 from __future__ import annotations
@@ -25,11 +33,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 
 from turnrelay.errors import (
     BackendUnavailable,
-    NotFound,
     RuntimeFailure,
     StaleWriter,
     TurnNotFound,
@@ -41,7 +49,7 @@ from turnrelay.executor.assembler import Assembler, persisted_parts
 from turnrelay.executor.frames import FrameWriter
 from turnrelay.executor.registry import Run, RunningTurns, StopReason
 from turnrelay.lease.base import Lease
-from turnrelay.lifecycle import close_stream, session_lease_key, terminal_chunks
+from turnrelay.lifecycle import SEQ_EPOCH, close_stream, session_lease_key, terminal_chunks
 from turnrelay.metrics import Metrics
 from turnrelay.queue.base import Delivery, TurnMessage, TurnQueue
 from turnrelay.runtime.base import AgentRuntime, TurnContext
@@ -50,8 +58,13 @@ from turnrelay.store.base import ChatStore, MessageRecord, TurnOutcome, TurnReco
 
 log = logging.getLogger(__name__)
 
-# A retry whose log was lost starts its frames at (attempt - 1) * SEQ_EPOCH + 1.
-SEQ_EPOCH = 1_000_000
+# How long a dispatched head may go without its publish confirmed before a
+# finishing executor or the sweeper publishes it again: its publisher
+# (an API or an executor) died between the dispatch and the broker's confirm.
+REPUBLISH_AFTER = 15.0
+# How long the terminal CAS is retried while the database is unreachable (a
+# failover, a restart): the turn's work is done, only its outcome must land.
+FINISH_BUDGET = 30.0
 
 
 class _Outcome(Enum):
@@ -88,12 +101,24 @@ class TurnRunner:
         message = delivery.message
         try:
             await self._handle(message, delivery)
+            return
+        except StaleWriter as exc:
+            # A newer attempt claimed the turn's log: it runs the turn, under a
+            # delivery of its own. This one is done.
+            log.info("turn %s: %s; leaving it to the newer attempt", message.turn_id, exc.detail)
+            with contextlib.suppress(TurnrelayError, RuntimeError):
+                await delivery.ack()
+            return
         except BackendUnavailable as exc:
-            # A backend is down: give the message back rather than lose it; the
-            # redelivery rules make a second look safe.
             log.warning("turn %s: %s; requeueing", message.turn_id, exc.detail)
-            with contextlib.suppress(TurnrelayError):
-                await delivery.requeue(self.settings.requeue_delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("turn %s: unexpected error; requeueing", message.turn_id)
+        # Give the message back rather than lose it or hold it: the redelivery
+        # rules make a second look safe.
+        with contextlib.suppress(TurnrelayError, RuntimeError):
+            await delivery.requeue(self.settings.requeue_delay)
 
     async def _handle(self, message: TurnMessage, delivery: Delivery) -> None:
         try:
@@ -109,14 +134,20 @@ class TurnRunner:
             await delivery.ack()
             return
         key = session_lease_key(turn.session_id)
-        if not await self.lease.acquire(key, self.owner, self.settings.lease_ttl):
-            await delivery.requeue(self.settings.requeue_delay)
-            return
+        # Held from before the lease is taken, so a freeze anywhere from here on
+        # is visible to the other executors' reaper.
+        self.running.hold(turn.id, turn.session_id)
         try:
-            outcome = await self._run_leased(turn, key)
+            if not await self.lease.acquire(key, self.owner, self.settings.lease_ttl):
+                await delivery.requeue(self.settings.requeue_delay)
+                return
+            try:
+                outcome = await self._run_leased(turn, key)
+            finally:
+                with contextlib.suppress(TurnrelayError):
+                    await self.lease.release(key, self.owner)
         finally:
-            with contextlib.suppress(TurnrelayError):
-                await self.lease.release(key, self.owner)
+            self.running.unhold(turn.id)
         if outcome is _Outcome.RETRY:
             await delivery.requeue(self.settings.requeue_delay)
             return
@@ -126,9 +157,11 @@ class TurnRunner:
         await delivery.ack()
 
     async def _dispatch_next(self, session_id: str) -> None:
-        head = await self.store.dispatch_next(session_id)
+        cutoff = datetime.now(UTC) - timedelta(seconds=REPUBLISH_AFTER)
+        head = await self.store.dispatch_next(session_id, republish_before=cutoff)
         if head is not None:
             await self.queue.publish(TurnMessage(head.id, head.session_id))
+            await self.store.mark_published(head.id)
 
     async def _run_leased(self, turn: TurnRecord, key: str) -> _Outcome:
         if turn.status is TurnStatus.RUNNING and turn.attempt >= self.settings.max_attempts:
@@ -158,43 +191,59 @@ class TurnRunner:
 
     async def _attempt(self, turn: TurnRecord, key: str, history: list[MessageRecord]) -> bool:
         """Run one attempt; returns True when it was abandoned for shutdown."""
-        try:
-            last, lost = (await self.events.info(turn.id)).last_seq, False
-        except NotFound:
-            # No log. On a retry that means an earlier attempt's frames were lost
-            # (Redis, or serve's in-memory log, restarted): jump the sequence past
-            # anything a reader may hold, so old cursors answer 410 instead of
-            # resuming into frames of another attempt.
-            lost = turn.attempt > 1
-            last = (turn.attempt - 1) * SEQ_EPOCH if lost else 0
+        retention = self.settings.stream_retention
+        # Fence out every older attempt before reading where the log ends: a
+        # frozen owner of the previous attempt that wakes up now writes nothing.
+        info = await self.events.claim(turn.id, turn.attempt, retention)
+        # No log on a retry means an earlier attempt's frames were lost (Redis,
+        # or serve's in-memory log, restarted): jump the sequence past anything
+        # a reader may hold, so old cursors answer 410 instead of resuming into
+        # frames of another attempt.
+        lost = not info.exists and turn.attempt > 1
+        last = (turn.attempt - 1) * SEQ_EPOCH if lost else info.last_seq
         assembler = Assembler()
         writer = FrameWriter(
             self.events,
             turn.id,
             last + 1,
+            epoch=turn.attempt,
+            ttl=retention,
             on_written=self.metrics.frames_written,
             snapshot=lambda: [chunks.start(turn.assistant_message_id), *assembler.snapshot()],
             restart=lost,
         )
-        if lost:
-            writer.add(chunks.data("stream-reset", {"seq": last + 1}, transient=True))
-        if last == 0 or lost:
-            writer.add(chunks.start(turn.assistant_message_id))
-        if turn.attempt > 1:
-            writer.add(chunks.data("turn-retry", {"attempt": turn.attempt}, transient=True))
-        # Streams are created without a TTL: give this one its lifetime now, and
-        # the heartbeat extends it while the turn runs.
-        await writer.flush()
-        await self.events.touch(turn.id, self.settings.stream_retention)
+        try:
+            if lost:
+                writer.add(chunks.data("stream-reset", {"seq": last + 1}, transient=True))
+            if last == 0 or lost:
+                writer.add(chunks.start(turn.assistant_message_id))
+            if turn.attempt > 1:
+                writer.add(chunks.data("turn-retry", {"attempt": turn.attempt}, transient=True))
+            await writer.flush()
+            return await self._run_attempt(turn, key, history, assembler, writer)
+        except StaleWriter:
+            return False  # a newer attempt claimed the log: it owns the turn
+        finally:
+            await writer.close()
+
+    async def _run_attempt(
+        self,
+        turn: TurnRecord,
+        key: str,
+        history: list[MessageRecord],
+        assembler: Assembler,
+        writer: FrameWriter,
+    ) -> bool:
         loop = asyncio.get_running_loop()
         began = loop.time()
         task = asyncio.create_task(
             self._drive(turn, history, assembler, writer), name=f"turn:{turn.id}"
         )
         run = self.running.add(turn.id, task)
+        writer.on_fenced = lambda: run.stop(StopReason.LEASE_LOST)
         if turn.cancel_requested:
             run.stop(StopReason.CANCEL)
-        beat = asyncio.create_task(self._heartbeat(turn, run, key, assembler))
+        beat = asyncio.create_task(self._heartbeat(turn, run, key, assembler, writer))
         self.metrics.active_turns.inc()
         status, error = TurnStatus.COMPLETED, None
         try:
@@ -204,11 +253,9 @@ class TurnRunner:
             if current is not None and current.cancelling():
                 raise  # this worker itself is being cancelled
             if run.reason is not StopReason.CANCEL:
-                await writer.close()
                 return run.reason is StopReason.SHUTDOWN
             status = TurnStatus.CANCELLED
         except StaleWriter:
-            await writer.close()
             return False
         except TimeoutError:
             status = TurnStatus.FAILED
@@ -225,25 +272,45 @@ class TurnRunner:
             self.running.remove(turn.id)
             self.metrics.active_turns.dec()
 
-        try:
-            writer.add(*assembler.close())
-            await writer.flush()
-            outcome = TurnOutcome(
-                status,
-                content=assembler.content,
-                parts=persisted_parts(assembler.parts),
-                error=error,
-                usage=assembler.usage,
-            )
-            if await self.store.finish_turn(turn.id, turn.attempt, outcome):
-                await writer.write_now(*terminal_chunks(status, error, assembler.usage))
-                await self.events.expire(turn.id, self.settings.stream_retention)
-                self.metrics.turn_finished(status.value, loop.time() - began)
-        except StaleWriter:
-            return False
-        finally:
-            await writer.close()
+        writer.add(*assembler.close())
+        await writer.flush()
+        outcome = TurnOutcome(
+            status,
+            content=assembler.content,
+            parts=persisted_parts(assembler.parts),
+            error=error,
+            usage=assembler.usage,
+        )
+        if await self._finish(turn, outcome):
+            # The terminal append also gives the log its retention.
+            await writer.write_now(*terminal_chunks(status, error, assembler.usage))
+            self.metrics.turn_finished(status.value, loop.time() - began)
         return False
+
+    async def _finish(self, turn: TurnRecord, outcome: TurnOutcome) -> bool:
+        """The terminal CAS, retried through a short database outage. A retry
+        after a failure whose commit may have landed reads the turn back: the
+        CAS of this attempt that already won answers "won", not "lost" (only
+        this attempt can finish it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FINISH_BUDGET
+        uncertain = False
+        delay = 0.1
+        while True:
+            try:
+                won = await self.store.finish_turn(turn.id, turn.attempt, outcome)
+                break
+            except BackendUnavailable as exc:
+                if loop.time() + delay > deadline:
+                    raise
+                log.warning("turn %s: finishing: %s; retrying", turn.id, exc.detail)
+                uncertain = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if won or not uncertain:
+            return won
+        current = await self.store.get_turn(turn.id)
+        return current.attempt == turn.attempt and current.status is outcome.status
 
     async def _drive(
         self,
@@ -277,10 +344,12 @@ class TurnRunner:
                 writer.add(*assembler.feed(event))
         await writer.flush()
 
-    async def _heartbeat(self, turn: TurnRecord, run: Run, key: str, assembler: Assembler) -> None:
-        """Every TTL/3: keep the lease and the stream alive, notice a missed cancel,
-        and checkpoint the answer so far (``GET /sessions/{id}`` shows it while the
-        turn runs)."""
+    async def _heartbeat(
+        self, turn: TurnRecord, run: Run, key: str, assembler: Assembler, writer: FrameWriter
+    ) -> None:
+        """Every TTL/3: keep the lease and the stream alive (restoring a stream
+        Redis lost), notice a missed cancel or a deleted turn, and checkpoint the
+        answer so far (``GET /sessions/{id}`` shows it while the turn runs)."""
         interval = self.settings.lease_ttl / 3
         saved = 0
         while True:
@@ -294,8 +363,12 @@ class TurnRunner:
                 ):
                     run.stop(StopReason.LEASE_LOST)
                     return
-                await self.events.touch(turn.id, self.settings.stream_retention)
+                if not await self.events.touch(turn.id, self.settings.stream_retention):
+                    writer.restore()  # Redis lost the log during a silent stretch
                 current = await self.store.get_turn(turn.id)
+            except TurnNotFound:
+                run.stop(StopReason.GONE)
+                return
             except TurnrelayError as exc:
                 log.warning("turn %s heartbeat: %s", turn.id, exc.detail)
                 continue

@@ -1,9 +1,26 @@
-"""The executor loop: ``num_workers`` workers, a cancel listener, a sweeper.
+"""The executor loop: ``num_workers`` workers, a cancel listener, the liveness
+beat, a reaper and a sweeper.
 
 Each worker takes one delivery at a time, so the broker's prefetch equals the
 worker count and no delivery waits inside the process while another executor
 is idle. ``run(until_idle=True)`` returns once the queue is empty and no turn
 runs, which makes end-to-end tests deterministic without sleeps.
+
+Liveness. Every ``LIVENESS_TTL / 6`` the executor beats (``Lease.beat``) with
+the turns it holds leases for. Its session leases are only as good as that
+beat: once it lapses (the process died, or froze: SIGSTOP, a long GC pause, a
+VM migration), another executor's delivery takes the lease over. A killed
+executor's deliveries come back from the broker at once; a frozen one's do
+not (its connection looks alive), so every executor's reaper, every
+``LIVENESS_TTL / 3``, claims the holdings of lapsed executors (each exactly
+once, cluster-wide) and publishes those turns again.
+
+The sweeper (one executor per ``SWEEP_INTERVAL``, under a lease) publishes the
+session heads no message carries: a head nobody dispatched (a crash between a
+finish and the next dispatch), a dispatched head whose publish the broker never
+confirmed, and a running turn whose holder is gone without a reaper having
+seen it (Redis lost the liveness keys). A head waiting in the broker behind a
+backlog has a confirmed publish and is left alone.
 
 Stopping (``stop()``, SIGTERM): stop taking deliveries, let running turns
 finish for ``grace`` seconds, then abandon the rest without acking them; the
@@ -21,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from turnrelay.errors import TurnrelayError
 from turnrelay.events.base import EventLog
 from turnrelay.executor.registry import RunningTurns, StopReason
-from turnrelay.executor.runner import TurnRunner
+from turnrelay.executor.runner import REPUBLISH_AFTER, TurnRunner
 from turnrelay.lease.base import Lease
 from turnrelay.lifecycle import session_lease_key
 from turnrelay.metrics import Metrics
@@ -34,6 +51,8 @@ log = logging.getLogger(__name__)
 
 # How long an idle worker waits on the queue before checking for shutdown/idle.
 _POLL = 0.2
+# The sweeper's lease: one executor sweeps per interval.
+SWEEP_LEASE = "sweeper"
 
 
 class Executor:
@@ -76,9 +95,13 @@ class Executor:
         self._stopping.set()
 
     async def run(self, *, until_idle: bool = False) -> None:
+        # Alive before taking any lease: an owner that never beat counts as dead.
+        await self._beat()
         await self.queue.start_consuming(self.settings.num_workers)
-        await self.sweep(orphan_age=None)
+        await self.sweep(startup=True)
         helpers = [
+            asyncio.create_task(self._beat_loop(), name="liveness"),
+            asyncio.create_task(self._reap_loop(), name="reaper"),
             asyncio.create_task(self._listen_cancels(), name="cancel-listener"),
             asyncio.create_task(self._sweep_loop(), name="sweeper"),
         ]
@@ -99,6 +122,10 @@ class Executor:
             for task in helpers:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            # What is still held now was abandoned unacked: the broker gives it
+            # back when this process's connection closes, not the reaper.
+            with contextlib.suppress(TurnrelayError):
+                await self.lease.leave(self.id)
 
     async def _drain(self, workers: list[asyncio.Task[None]]) -> None:
         self._stopping.set()
@@ -152,37 +179,76 @@ class Executor:
                 log.warning("cancel listener: %s", exc.detail)
                 await asyncio.sleep(1.0)
 
+    async def _beat(self) -> None:
+        holding = [f"{turn_id} {session_id}" for turn_id, session_id in self.running.held.items()]
+        await self.lease.beat(self.id, self.settings.liveness_ttl, holding)
+
+    async def _beat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.liveness_ttl / 6)
+            try:
+                await self._beat()
+            except TurnrelayError as exc:
+                log.warning("liveness beat failed: %s", exc.detail)
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.liveness_ttl / 3)
+            try:
+                await self.reap()
+            except TurnrelayError as exc:
+                log.warning("reaping failed: %s", exc.detail)
+
+    async def reap(self) -> int:
+        """Publish again the turns of executors whose liveness lapsed."""
+        reaped = await self.lease.reap()
+        for item in reaped:
+            turn_id, _, session_id = item.partition(" ")
+            log.warning("turn %s: its executor stopped beating; publishing it again", turn_id)
+            await self.queue.publish(TurnMessage(turn_id, session_id))
+        return len(reaped)
+
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_interval)
             try:
-                await self.sweep(orphan_age=max(4 * self.settings.lease_ttl, 60.0))
+                # Not released: the lease lapses by itself before the next round.
+                ttl = self.settings.sweep_interval * 0.9
+                if await self.lease.acquire(SWEEP_LEASE, self.id, ttl):
+                    await self.sweep()
             except TurnrelayError as exc:
                 log.warning("sweep failed: %s", exc.detail)
 
-    async def sweep(self, *, orphan_age: float | None) -> int:
-        """Publish session heads that no message carries.
-
-        A turn is published when it becomes its session's head; a crash between
-        a finish and that publish leaves the next turn waiting, and this finds it.
-        With ``orphan_age`` it also re-publishes dispatched turns with no lease
-        held for that long (their message was lost with an in-memory broker);
-        a duplicate is harmless, the redelivery rules drop or requeue it.
-        """
+    async def sweep(self, *, startup: bool = False) -> int:
+        """Publish the session heads that no message carries (module docstring)."""
         published = 0
         for head in await self.store.undispatched_heads():
-            turn = await self.store.dispatch_next(head.session_id)
-            if turn is not None:
-                await self.queue.publish(TurnMessage(turn.id, turn.session_id))
-                published += 1
-        if orphan_age is None and not self.settings.broker_url.startswith("memory:"):
+            published += await self._publish_head(head.session_id)
+        cutoff = datetime.now(UTC) - timedelta(seconds=REPUBLISH_AFTER)
+        for turn in await self.store.unpublished_heads(cutoff):
+            published += await self._publish_head(turn.session_id, republish_before=cutoff)
+        if self.settings.broker_url.startswith("memory:"):
+            if startup:
+                # The in-process broker lost every message with the last process.
+                for turn in await self.store.dispatched_active():
+                    await self.queue.publish(TurnMessage(turn.id, turn.session_id))
+                    published += 1
             return published
-        cutoff = datetime.now(UTC) - timedelta(seconds=orphan_age or 0)
-        for turn in await self.store.dispatched_active():
-            since = turn.started_at or turn.created_at
-            if since > cutoff:
+        held_since = datetime.now(UTC) - timedelta(seconds=self.settings.lease_ttl)
+        for turn in await self.store.dispatched_active(running_only=True):
+            if (turn.started_at or turn.created_at) > held_since:
                 continue
             if await self.lease.holder(session_lease_key(turn.session_id)) is None:
                 await self.queue.publish(TurnMessage(turn.id, turn.session_id))
                 published += 1
         return published
+
+    async def _publish_head(
+        self, session_id: str, *, republish_before: datetime | None = None
+    ) -> int:
+        head = await self.store.dispatch_next(session_id, republish_before=republish_before)
+        if head is None:
+            return 0
+        await self.queue.publish(TurnMessage(head.id, head.session_id))
+        await self.store.mark_published(head.id)
+        return 1

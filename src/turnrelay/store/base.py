@@ -7,7 +7,11 @@ terminal frames. Losing a CAS is an answer (``None`` / ``False``), not an error.
 
 Per-session order: ``dispatch_next`` marks the session's earliest queued turn as
 *dispatched* only when no other dispatched turn of the session is still active,
-so at most one message per session is ever in the broker.
+so at most one message per session is ever in the broker. Whoever publishes a
+dispatched turn records the broker's confirm (``mark_published``); a head whose
+confirm never came (its publisher died in between) is what the sweeper
+republishes, and nothing else, so a backlog waiting in the broker is never
+duplicated.
 """
 
 from __future__ import annotations
@@ -164,16 +168,33 @@ class ChatStore(Protocol):
         """The session's queued and running turns, in order."""
         ...
 
-    async def dispatch_next(self, session_id: str) -> TurnRecord | None:
-        """Mark the session's head queued turn dispatched, if none is in flight."""
+    async def dispatch_next(
+        self, session_id: str, *, republish_before: datetime | None = None
+    ) -> TurnRecord | None:
+        """The session's head turn to publish: the next queued one, marked
+        dispatched, if none is in flight; or, with ``republish_before``, the
+        in-flight head whose publish was never confirmed and that was dispatched
+        before that time (its publisher died)."""
+        ...
+
+    async def mark_published(self, turn_id: str) -> None:
+        """The broker confirmed the turn's message (the sweeper leaves it alone)."""
+        ...
+
+    async def unpublished_heads(self, before: datetime, limit: int = 100) -> list[TurnRecord]:
+        """Dispatched turns still queued whose publish was never confirmed,
+        dispatched before ``before`` (the sweeper republishes them)."""
         ...
 
     async def undispatched_heads(self, limit: int = 100) -> list[TurnRecord]:
         """Sessions' earliest queued turns with no dispatched active turn (the sweeper)."""
         ...
 
-    async def dispatched_active(self, limit: int = 500) -> list[TurnRecord]:
-        """Dispatched turns still queued or running (the sweeper's orphan check)."""
+    async def dispatched_active(
+        self, limit: int = 500, *, running_only: bool = False
+    ) -> list[TurnRecord]:
+        """Dispatched turns still queued or running (only running ones with
+        ``running_only``): the sweeper's orphan checks."""
         ...
 
     async def start_turn(self, turn_id: str, attempt: int) -> TurnRecord | None:

@@ -212,9 +212,36 @@ class SqlChatStore:
         async with self._read() as conn:
             return await submit.active_turns(conn, session_id)
 
-    async def dispatch_next(self, session_id: str) -> TurnRecord | None:
+    async def dispatch_next(
+        self, session_id: str, *, republish_before: datetime | None = None
+    ) -> TurnRecord | None:
         async with self._write() as conn:
-            return await submit.dispatch_next(conn, session_id)
+            return await submit.dispatch_next(
+                conn, session_id, self._now, republish_before=republish_before
+            )
+
+    async def mark_published(self, turn_id: str) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                sa.update(turns)
+                .where(turns.c.id == turn_id, turns.c.published_at.is_(None))
+                .values(published_at=self._now())
+            )
+
+    async def unpublished_heads(self, before: datetime, limit: int = 100) -> list[TurnRecord]:
+        query = (
+            turn_query()
+            .where(
+                turns.c.dispatched == sa.true(),
+                turns.c.status == TurnStatus.QUEUED.value,
+                turns.c.published_at.is_(None),
+                sa.func.coalesce(turns.c.dispatched_at, turns.c.created_at) < before,
+            )
+            .order_by(turns.c.created_at, turns.c.id)
+            .limit(limit)
+        )
+        async with self._read() as conn:
+            return [turn_record(r._mapping) for r in (await conn.execute(query)).all()]
 
     async def undispatched_heads(self, limit: int = 100) -> list[TurnRecord]:
         other = turns.alias("other")
@@ -245,10 +272,13 @@ class SqlChatStore:
         async with self._read() as conn:
             return [turn_record(r._mapping) for r in (await conn.execute(query)).all()]
 
-    async def dispatched_active(self, limit: int = 500) -> list[TurnRecord]:
+    async def dispatched_active(
+        self, limit: int = 500, *, running_only: bool = False
+    ) -> list[TurnRecord]:
+        statuses = (TurnStatus.RUNNING.value,) if running_only else ACTIVE
         query = (
             turn_query()
-            .where(turns.c.dispatched == sa.true(), turns.c.status.in_(ACTIVE))
+            .where(turns.c.dispatched == sa.true(), turns.c.status.in_(statuses))
             .order_by(turns.c.created_at, turns.c.id)
             .limit(limit)
         )

@@ -128,6 +128,7 @@ async def submit(
             assistant_message_id=turn.assistant_message_id,
             client_message_id=turn.client_message_id,
             dispatched=turn.dispatched,
+            dispatched_at=now if turn.dispatched else None,
             cancel_requested=False,
             created_at=now,
         )
@@ -162,8 +163,18 @@ async def submit(
     return SubmitResult(turn, created=True, earlier_active=active)
 
 
-async def dispatch_next(conn: AsyncConnection, session_id: str) -> TurnRecord | None:
-    """Mark the session's next queued turn dispatched, unless one is already in flight."""
+async def dispatch_next(
+    conn: AsyncConnection,
+    session_id: str,
+    clock: Callable[[], datetime],
+    *,
+    republish_before: datetime | None = None,
+) -> TurnRecord | None:
+    """The session's head turn to publish: its next queued turn, marked dispatched,
+    unless one is already in flight. With ``republish_before``, an in-flight head
+    that is still queued and whose publish was never confirmed (dispatched before
+    that time) is returned again: its publisher died or failed before the broker
+    confirmed it."""
     locked = (
         await conn.execute(
             sa.select(sessions.c.id).where(sessions.c.id == session_id).with_for_update()
@@ -173,7 +184,7 @@ async def dispatch_next(conn: AsyncConnection, session_id: str) -> TurnRecord | 
         return None
     in_flight = (
         await conn.execute(
-            sa.select(turns.c.id)
+            turn_query()
             .where(
                 turns.c.session_id == session_id,
                 turns.c.dispatched == sa.true(),
@@ -183,6 +194,14 @@ async def dispatch_next(conn: AsyncConnection, session_id: str) -> TurnRecord | 
         )
     ).first()
     if in_flight is not None:
+        since = in_flight.dispatched_at or in_flight.created_at
+        if (
+            republish_before is not None
+            and in_flight.status == TurnStatus.QUEUED.value
+            and in_flight.published_at is None
+            and since < republish_before
+        ):
+            return turn_record(in_flight._mapping)
         return None
     row = (
         await conn.execute(
@@ -197,7 +216,9 @@ async def dispatch_next(conn: AsyncConnection, session_id: str) -> TurnRecord | 
     ).first()
     if row is None:
         return None
-    await conn.execute(sa.update(turns).where(turns.c.id == row.id).values(dispatched=True))
+    await conn.execute(
+        sa.update(turns).where(turns.c.id == row.id).values(dispatched=True, dispatched_at=clock())
+    )
     return dataclasses.replace(turn_record(row._mapping), dispatched=True)
 
 

@@ -88,6 +88,10 @@ turns = sa.Table(
     sa.Column("assistant_message_id", ID, nullable=False),
     sa.Column("client_message_id", sa.String(255), nullable=True),
     sa.Column("dispatched", sa.Boolean, nullable=False, server_default=sa.false()),
+    # When the turn became its session's head, and when the broker confirmed its
+    # message (NULL: not yet, or the publisher died first; the sweeper's cue).
+    sa.Column("dispatched_at", UtcDateTime(), nullable=True),
+    sa.Column("published_at", UtcDateTime(), nullable=True),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.Column("started_at", UtcDateTime(), nullable=True),
