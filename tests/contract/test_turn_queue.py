@@ -19,11 +19,12 @@ import aio_pika
 import aio_pika.exceptions
 import pytest
 
-from turnrelay.errors import BackendUnavailable, PublishFailed
+from tests.conftest import skip_or_fail
+from turnrelay.errors import BackendUnavailable, ConfigError, PublishFailed
 from turnrelay.queue.base import Delivery, TurnMessage, TurnQueue
 from turnrelay.queue.memory import MemoryBroker, MemoryTurnQueue
 from turnrelay.queue.rabbitmq import RabbitTurnQueue
-from turnrelay.queue.topology import Topology
+from turnrelay.queue.topology import DELIVERY_LIMIT, Topology
 
 REQUEUE_DELAY = 1.0
 # Long enough for a RabbitMQ delivery to arrive on a loaded machine; a "nothing
@@ -317,7 +318,7 @@ def _close_connections_named(connection_name: str) -> int:
 @pytest.mark.slow
 async def test_survives_a_dropped_connection(amqp_url: str, unique: str) -> None:
     if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl is not on PATH to drop the connection with")
+        skip_or_fail("rabbitmqctl is not on PATH to drop the connection with")
     name = f"test-{unique}"
     queue = RabbitTurnQueue(amqp_url, name=name, consumer_id=f"{unique}-drop")
     await queue.startup()
@@ -352,6 +353,67 @@ async def test_survives_a_dropped_connection(amqp_url: str, unique: str) -> None
                 assert first.result() == "turn-3"
             finally:
                 first.cancel()
+    finally:
+        await queue.shutdown()
+        await _delete_rabbit_topology(amqp_url, Topology(name))
+
+
+@pytest.mark.rabbitmq
+async def test_turns_queue_has_an_explicit_delivery_limit(amqp_url: str, unique: str) -> None:
+    """RabbitMQ 4 defaults a quorum queue to 20 deliveries, and 3.x reads -1 as
+    "drop at the first redelivery": the limit must be declared, and high."""
+    if shutil.which("rabbitmqctl") is None:
+        skip_or_fail("rabbitmqctl is not on PATH to read the queue's arguments with")
+    name = f"test-{unique}"
+    queue = RabbitTurnQueue(amqp_url, name=name)
+    await queue.startup()
+    try:
+        listed = (
+            await asyncio.to_thread(
+                subprocess.run,
+                ["rabbitmqctl", "-q", "list_queues", "name", "arguments"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+        ).stdout
+        line = next(row for row in listed.splitlines() if row.startswith(f"{name}.turns\t"))
+        assert "x-delivery-limit" in line and str(DELIVERY_LIMIT) in line
+        # and it behaves: a message returned 25 times still comes back
+        await queue.publish(turn(1))
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            raw = await channel.get_queue(f"{name}.turns", ensure=False)
+            for _ in range(25):
+                got = None
+                for _ in range(50):
+                    got = await raw.get(fail=False)
+                    if got is not None:
+                        break
+                    await asyncio.sleep(0.05)
+                assert got is not None, "the message was dropped by the broker"
+                await got.nack(requeue=True)
+    finally:
+        await queue.shutdown()
+        await _delete_rabbit_topology(amqp_url, Topology(name))
+
+
+@pytest.mark.rabbitmq
+async def test_a_queue_declared_differently_is_a_clear_config_error(
+    amqp_url: str, unique: str
+) -> None:
+    name = f"test-{unique}"
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(
+            f"{name}.turns", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+    queue = RabbitTurnQueue(amqp_url, name=name)
+    try:
+        with pytest.raises(ConfigError, match="other arguments"):
+            await queue.startup()
     finally:
         await queue.shutdown()
         await _delete_rabbit_topology(amqp_url, Topology(name))

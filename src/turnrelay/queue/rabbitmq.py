@@ -59,7 +59,7 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 
-from turnrelay.errors import BackendUnavailable, PublishFailed
+from turnrelay.errors import BackendUnavailable, ConfigError, PublishFailed
 from turnrelay.queue.base import TurnMessage
 from turnrelay.queue.topology import TURN_ROUTING_KEY, ExchangeSpec, QueueSpec, Topology
 
@@ -249,6 +249,15 @@ class RabbitTurnQueue:
                     turns = await self._declare_queue(channel, self.topology.turns_queue)
                     binding = self.topology.turns_binding
                     await turns.bind(binding.exchange, binding.routing_key)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                if connection is not None:
+                    await connection.close()
+                raise ConfigError(
+                    f"RabbitMQ already has {self.topology.turns_queue.name} (or an exchange of "
+                    f"this deployment) declared with other arguments than this version of "
+                    f"turnrelay declares ({exc}). Drain and delete it, or set a policy, "
+                    "or use another TURNRELAY_NAMESPACE."
+                ) from exc
             except _BROKER_ERRORS as exc:
                 if connection is not None:
                     await connection.close()

@@ -21,8 +21,13 @@ first-in first-out with one TTL. Each delay queue deletes itself
 re-declared on every requeue, which counts as use.
 
 The turns queue is a quorum queue: replicated, and it survives a broker restart
-with its messages (which are persistent). It has no delivery limit: the
-executor counts attempts in the database and gives up after its own maximum.
+with its messages (which are persistent). Its delivery limit is set explicitly
+(``DELIVERY_LIMIT``), far above anything the lifecycle produces: the executor
+counts attempts in the database and gives up after its own maximum, and its
+requeues are republished copies that the broker does not count. Left unset,
+RabbitMQ 4 applies 20, which a session held through many executor restarts
+could reach and then silently drop; ``-1`` means "no limit" only from RabbitMQ
+4 on, while 3.x drops the message at its first redelivery (measured on 3.10).
 The cancel queues are named by their consumer (not server-named) so that the
 robust connection can re-declare the same queue after a reconnect.
 """
@@ -37,6 +42,9 @@ TURN_ROUTING_KEY = "turn"
 # Delays are rounded up to this grain so a jittered delay does not make a queue
 # per millisecond.
 DELAY_GRANULARITY = 0.1
+# Redeliveries (a consumer's channel closing with the message unacked) after
+# which the broker drops a turn message; see the module docstring.
+DELIVERY_LIMIT = 1_000_000
 # How long an unused delay queue outlives its TTL before it deletes itself: long
 # enough for the last message published into it to expire and move on.
 DELAY_QUEUE_GRACE = 60.0
@@ -75,7 +83,10 @@ class Topology:
 
     @property
     def turns_queue(self) -> QueueSpec:
-        return QueueSpec(f"{self.name}.turns", arguments={"x-queue-type": "quorum"})
+        return QueueSpec(
+            f"{self.name}.turns",
+            arguments={"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT},
+        )
 
     @property
     def turns_binding(self) -> BindingSpec:
