@@ -6,6 +6,7 @@
 //   mode: "send" | "reconnect" | "validate",
 //   api: "<server>/api/chat/sessions/<id>/stream",    // DefaultChatTransport `api`
 //   chatId, userMessageId, text,                       // send: the UIMessage useChat would send
+//   trigger, messageId, history,                       // send: as Chat.regenerate() sends them
 //   sessionUrl: "<server>/api/chat/sessions/<id>",     // reconnect: read active_turn at connect
 //   chunks: [...],                                     // validate: chunks to check, no server
 //   expectErrors: 0 | N,                               // how many SDK errors the turn should raise
@@ -193,10 +194,13 @@ async function run() {
     chunkStream = await transport.sendMessages({
       chatId: config.chatId,
       messages: [
+        ...(config.history ?? []),
         { id: config.userMessageId, role: 'user', parts: [{ type: 'text', text: config.text }] },
       ],
-      trigger: 'submit-message',
-      messageId: undefined,
+      // `Chat.regenerate()` sends 'regenerate-message' with the messages up to the
+      // user message it answers again, and the assistant id it replaces (or none).
+      trigger: config.trigger ?? 'submit-message',
+      messageId: config.messageId,
       abortSignal: undefined,
     });
   } else if (config.mode === 'reconnect') {

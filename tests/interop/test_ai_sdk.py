@@ -201,6 +201,39 @@ def test_submit_assembles_the_assistant_message(
     assert message.get("metadata", {}).get("status") == "completed"
 
 
+@pytest.mark.parametrize("replaced", ["last", "named"])
+def test_regenerate_answers_again_instead_of_replaying_the_old_turn(
+    node: str, server: Proc, client: httpx.Client, replaced: str
+) -> None:
+    """`Chat.regenerate()` resends the last user message (same id) with trigger
+    'regenerate-message': that is a request for a new answer, not an idempotent
+    repeat of the submit."""
+    sid = new_session(client)
+    user_id = f"user-{uuid.uuid4()}"
+    first = run_sdk(node, server, sid, "send", userMessageId=user_id, text="regen me")
+    old_id = check_stream(first)["messageId"]
+    again = run_sdk(
+        node,
+        server,
+        sid,
+        "send",
+        userMessageId=user_id,
+        text="regen me",
+        trigger="regenerate-message",
+        messageId=old_id if replaced == "named" else None,
+    )
+    new_id = check_stream(again)["messageId"]
+    assert new_id != old_id
+    assert again["sdkErrors"] == []
+    messages = client.get(f"/api/chat/sessions/{sid}").json()["messages"]
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    assert [m["id"] for m in assistants] == [old_id, new_id]
+    assert all(m["status"] == "completed" for m in assistants)
+    # a plain resubmit of the same message id still answers with the first turn
+    repeat = run_sdk(node, server, sid, "send", userMessageId=user_id, text="regen me")
+    assert check_stream(repeat)["messageId"] == old_id
+
+
 def test_many_token_reply(node: str, server: Proc, client: httpx.Client) -> None:
     sid = new_session(client)
     result = run_sdk(

@@ -77,7 +77,11 @@ def parse_submit(raw: bytes, *, max_message_bytes: int) -> SubmitBody:
 
 
 def _from_transport(body: dict[str, Any]) -> tuple[str, str | None]:
-    """The AI SDK ``DefaultChatTransport`` body: ``{id, messages, trigger, messageId}``."""
+    """The AI SDK ``DefaultChatTransport`` body: ``{id, messages, trigger, messageId}``.
+
+    The last user message's id is the idempotency key of a submit. A regenerate
+    (``trigger: "regenerate-message"``) carries none: it always starts a new turn
+    answering that text again (the earlier answer stays in the history)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("`messages` must be a non-empty list", code="invalid_body")
@@ -97,6 +101,10 @@ def _from_transport(body: dict[str, Any]) -> tuple[str, str | None]:
         text = last_user["content"]
     else:
         raise BadRequest("the last user message has no text parts", code="invalid_body")
+    if body.get("trigger") == "regenerate-message":
+        # ``Chat.regenerate()`` resends the user message it answers again, with
+        # its id: a request for a new turn, not a repeat of the first submit.
+        return text, None
     message_id = body.get("messageId") or last_user.get("id")
     return text, message_id if isinstance(message_id, str) else None
 
