@@ -60,6 +60,23 @@ class Metrics:
             "SSE streams this API process is serving",
             registry=self.registry,
         )
+        self.deliveries = Counter(
+            "turnrelay_deliveries",
+            "Turn messages this executor settled, by what became of them: done (an "
+            "attempt ran, or the turn was ended here), ended (the turn had ended: dropped), requeued (its session "
+            "is held elsewhere, or a backend failed), superseded (a newer attempt owns "
+            "the turn), deleted (its session is gone), abandoned (left to the broker "
+            "at shutdown)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.takeovers = Counter(
+            "turnrelay_turns_republished",
+            "Turns published again because their executor stopped beating (reaper) "
+            "or their head's publish was never confirmed (sweeper)",
+            ["by"],
+            registry=self.registry,
+        )
         self.turns_submitted = Counter(
             "turnrelay_turns_submitted",
             "Turns accepted by the API",
@@ -70,6 +87,9 @@ class Metrics:
         self.turns_finished.labels(status).inc()
         if seconds is not None:
             self.turn_duration.observe(seconds)
+
+    def delivery(self, outcome: str) -> None:
+        self.deliveries.labels(outcome).inc()
 
     def frames_written(self, count: int) -> None:
         self.frames.inc(count)

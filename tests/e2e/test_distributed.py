@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 from tests.conftest import POSTGRES_URL
 from tests.e2e.cluster import Cluster, running_cluster
-from tests.procs import FakeLLMProc, read_sse
+from tests.procs import FakeLLMProc, iter_sse, read_sse
 from turnrelay.queue.base import TurnMessage
 from turnrelay.queue.rabbitmq import RabbitTurnQueue
 
@@ -32,6 +33,11 @@ def model_requests(llm: FakeLLMProc, marker: str) -> list[dict[str, Any]]:
     return [
         r for r in llm.requests() if marker in json.dumps((r.get("body") or {}).get("messages", []))
     ]
+
+
+def last_user(request: dict[str, Any]) -> str:
+    users = [m for m in (request.get("body") or {}).get("messages", []) if m["role"] == "user"]
+    return str(users[-1]["content"]) if users else ""
 
 
 def conversation(request: dict[str, Any]) -> list[tuple[str, str]]:
@@ -102,41 +108,89 @@ def test_fifty_turns_over_25_sessions(cluster: Cluster) -> None:
             ]
 
 
+def deliveries(cluster: Cluster, outcome: str) -> float:
+    """Turn messages the cluster's executors settled with ``outcome`` so far."""
+    total = 0.0
+    for ex in cluster.executors:
+        text = httpx.get(f"{ex.url}/metrics", timeout=5).text
+        total += sum(
+            float(m)
+            for m in re.findall(
+                rf'^turnrelay_deliveries_total\{{outcome="{outcome}"\}} ([0-9.e+]+)$', text, re.M
+            )
+        )
+    return total
+
+
+def wait_for_deliveries(cluster: Cluster, outcome: str, count: float) -> None:
+    deadline = time.monotonic() + 30
+    while deliveries(cluster, outcome) < count:
+        assert time.monotonic() < deadline, f"{outcome} deliveries never reached {count}"
+        time.sleep(0.1)
+
+
 def test_duplicate_delivery_runs_once(cluster: Cluster) -> None:
+    """Copies of a turn's message — while it waits behind another turn of its
+    session, while it runs, after it ended — never run it twice or out of order."""
     api = cluster.apis[0]
+
+    async def publish(turn_id: str, sid: str, copies: int) -> None:
+        queue = RabbitTurnQueue(cluster.amqp_url, name=cluster.namespace)
+        await queue.startup()
+        try:
+            for _ in range(copies):
+                await queue.publish(TurnMessage(turn_id, sid))
+        finally:
+            await queue.shutdown()
+
     with httpx.Client(base_url=api.url, headers=AUTH, timeout=60) as client:
         sid = client.post("/api/chat/sessions").json()["id"]
-        r = client.post(
+        first = client.post(
             f"/api/chat/sessions/{sid}/turns",
-            json={"message": "dupe once fake:tokens=30 fake:delay_ms=20"},
-        )
-        turn_id = r.json()["turn_id"]
-
-        async def publish_again() -> None:
-            queue = RabbitTurnQueue(cluster.amqp_url, name=cluster.namespace)
-            await queue.startup()
-            try:
-                await queue.publish(TurnMessage(turn_id, sid))  # while it runs
-            finally:
-                await queue.shutdown()
-
-        time.sleep(0.2)
-        asyncio.run(publish_again())
+            json={"message": "dupe first fake:tokens=30 fake:delay_ms=30"},
+        ).json()["turn_id"]
+        second = client.post(
+            f"/api/chat/sessions/{sid}/turns", json={"message": "dupe second fake:tokens=5"}
+        ).json()["turn_id"]
+        ended_before = deliveries(cluster, "ended")
+        streamed: list[tuple[str | None, str]] = []
         with client.stream(
-            "GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": turn_id}
+            "GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": first}
+        ) as s:
+            for ident, data in iter_sse(s):
+                if data is None:
+                    continue
+                streamed.append((ident, data))
+                if len(streamed) == 3:  # the first turn runs now
+                    asyncio.run(publish(first, sid, 2))  # copies while it runs
+                    asyncio.run(publish(second, sid, 1))  # a copy of the queued one, early
+        assert streamed[-1][1] == "[DONE]"
+        with client.stream(
+            "GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": second}
         ) as s:
             sse = read_sse(s)
-        assert sse.done and sse.text() == " ".join(f"t{i}" for i in range(30))
-        asyncio.run(publish_again())  # and once more after it finished
-        time.sleep(2.5)  # requeue delay + a redelivery round
-        turn = client.get(f"/api/chat/sessions/{sid}/turns/{turn_id}").json()
-        assert turn["status"] == "completed" and turn["attempt"] == 1
+        assert sse.done and sse.text() == " ".join(f"t{i}" for i in range(5))
+        asyncio.run(publish(first, sid, 1))  # and one after both ended
+        # 2 + 1 copies of the first and one of the second end up dropped as "ended"
+        # (the second's own message or its early copy, whichever came second)
+        wait_for_deliveries(cluster, "ended", ended_before + 4)
+        for turn_id in (first, second):
+            turn = client.get(f"/api/chat/sessions/{sid}/turns/{turn_id}").json()
+            assert turn["status"] == "completed" and turn["attempt"] == 1
         with client.stream(
-            "GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": turn_id}
+            "GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": first}
         ) as s:
             again = read_sse(s)
-        assert again.events == sse.events  # nothing appended by a second run
-    assert len(model_requests(cluster.llm, "dupe once")) == 1
+        assert again.events == streamed  # nothing appended by a second run
+        session = client.get(f"/api/chat/sessions/{sid}").json()
+        assert [m["content"] for m in session["messages"]][1::2] == [
+            " ".join(f"t{i}" for i in range(30)),
+            " ".join(f"t{i}" for i in range(5)),
+        ]
+    asked = [last_user(r) for r in cluster.llm.requests()]
+    asked = [text for text in asked if text.startswith("dupe")]
+    # each ran once, the second only after the first: per-session order held
+    assert asked == ["dupe first fake:tokens=30 fake:delay_ms=30", "dupe second fake:tokens=5"]
 
 
 def test_resume_on_another_api_replica(cluster: Cluster) -> None:

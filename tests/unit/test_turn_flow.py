@@ -30,6 +30,7 @@ class ScriptedRuntime:
     def __init__(self) -> None:
         self.contexts: list[TurnContext] = []
         self.gate = asyncio.Event()
+        self.stopped: list[str] = []  # turns whose run ended before its answer did
 
     async def startup(self) -> None: ...
 
@@ -37,14 +38,20 @@ class ScriptedRuntime:
 
     async def run(self, ctx: TurnContext) -> AsyncGenerator[RuntimeEvent, None]:
         self.contexts.append(ctx)
-        yield StepStart()
-        for i, word in enumerate(f"Echo: {ctx.user_text}".split(" ")):
-            if "slow" in ctx.user_text and i == 1:
-                await self.gate.wait()
-            if "fail" in ctx.user_text and i == 1:
-                raise ModelError("model broke (502)")
-            yield TextDelta(word if i == 0 else " " + word)
-        yield StepFinish()
+        finished = False
+        try:
+            yield StepStart()
+            for i, word in enumerate(f"Echo: {ctx.user_text}".split(" ")):
+                if "slow" in ctx.user_text and i == 1:
+                    await self.gate.wait()
+                if "fail" in ctx.user_text and i == 1:
+                    raise ModelError("model broke (502)")
+                yield TextDelta(word if i == 0 else " " + word)
+            yield StepFinish()
+            finished = True
+        finally:
+            if not finished:
+                self.stopped.append(ctx.turn_id)
 
 
 class Harness:
@@ -240,6 +247,64 @@ async def test_running_turn_shows_its_answer_so_far(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.02)
         assert session["messages"][1]["content"] == "Echo: slow one"
+    finally:
+        harness.executor.stop()
+        await task
+        await harness.client.aclose()
+        await harness.store.shutdown()
+
+
+async def test_delete_starts_none_of_the_queued_turns(h: Harness) -> None:
+    sid = (await h.client.post("/api/chat/sessions")).json()["id"]
+    await h.client.post(f"/api/chat/sessions/{sid}/turns", json={"message": "slow head"})
+    for text in ("queued one", "queued two"):
+        await h.client.post(f"/api/chat/sessions/{sid}/turns", json={"message": text})
+    for _ in range(200):
+        if h.runtime.contexts:
+            break
+        await asyncio.sleep(0.01)
+    assert (await h.client.delete(f"/api/chat/sessions/{sid}")).status_code == 204
+    for _ in range(20):  # give a wrongly dispatched turn every chance to start
+        await asyncio.sleep(0.02)
+    assert [c.user_text for c in h.runtime.contexts] == ["slow head"]
+    assert (await h.client.get(f"/api/chat/sessions/{sid}")).status_code == 404
+
+
+async def test_a_turn_whose_rows_were_deleted_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel broadcast was missed and delete gave up waiting: once the rows
+    are gone the executor's heartbeat stops the run instead of letting it go on."""
+    from turnrelay.api import control
+
+    monkeypatch.setattr(control, "CANCEL_WAIT", 0.2)
+    harness = Harness(tmp_path)
+    harness.settings = harness.settings.model_copy(update={"lease_ttl": 1.5})
+    harness.executor.runner.settings = harness.settings
+
+    async def missed(turn_id: str) -> None:
+        return None  # the executor's cancel queue never sees it
+
+    harness.queue.publish_cancel = missed  # type: ignore[method-assign]
+    await migrate(harness.settings.database_url)
+    await harness.store.startup()
+    task = asyncio.create_task(harness.executor.run())
+    try:
+        client = harness.client
+        sid = (await client.post("/api/chat/sessions")).json()["id"]
+        r = await client.post(f"/api/chat/sessions/{sid}/turns", json={"message": "slow one"})
+        turn_id = r.json()["turn_id"]
+        for _ in range(200):
+            if harness.runtime.contexts:
+                break
+            await asyncio.sleep(0.01)
+        assert (await client.delete(f"/api/chat/sessions/{sid}")).status_code == 204
+        for _ in range(300):  # the next heartbeat (every 0.5 s) finds the turn gone
+            if harness.runtime.stopped:
+                break
+            await asyncio.sleep(0.01)
+        assert harness.runtime.stopped == [turn_id]
+        assert len(harness.executor.running) == 0
     finally:
         harness.executor.stop()
         await task

@@ -106,6 +106,7 @@ class TurnRunner:
             # A newer attempt claimed the turn's log: it runs the turn, under a
             # delivery of its own. This one is done.
             log.info("turn %s: %s; leaving it to the newer attempt", message.turn_id, exc.detail)
+            self.metrics.delivery("superseded")
             with contextlib.suppress(TurnrelayError, RuntimeError):
                 await delivery.ack()
             return
@@ -117,6 +118,7 @@ class TurnRunner:
             log.exception("turn %s: unexpected error; requeueing", message.turn_id)
         # Give the message back rather than lose it or hold it: the redelivery
         # rules make a second look safe.
+        self.metrics.delivery("requeued")
         with contextlib.suppress(TurnrelayError, RuntimeError):
             await delivery.requeue(self.settings.requeue_delay)
 
@@ -125,6 +127,7 @@ class TurnRunner:
             turn = await self.store.get_turn(message.turn_id)
         except TurnNotFound:
             await delivery.ack()  # its session was deleted
+            self.metrics.delivery("deleted")
             return
         if not turn.status.active:
             # Delivered again after it ended: make sure its stream is closed
@@ -132,6 +135,7 @@ class TurnRunner:
             await close_stream(self.events, turn, self.settings.stream_retention)
             await self._dispatch_next(turn.session_id)
             await delivery.ack()
+            self.metrics.delivery("ended")
             return
         key = session_lease_key(turn.session_id)
         # Held from before the lease is taken, so a freeze anywhere from here on
@@ -140,6 +144,7 @@ class TurnRunner:
         try:
             if not await self.lease.acquire(key, self.owner, self.settings.lease_ttl):
                 await delivery.requeue(self.settings.requeue_delay)
+                self.metrics.delivery("requeued")
                 return
             try:
                 outcome = await self._run_leased(turn, key)
@@ -150,11 +155,14 @@ class TurnRunner:
             self.running.unhold(turn.id)
         if outcome is _Outcome.RETRY:
             await delivery.requeue(self.settings.requeue_delay)
+            self.metrics.delivery("requeued")
             return
         if outcome is _Outcome.ABANDONED:
+            self.metrics.delivery("abandoned")
             return  # not acked: the broker hands it to another executor
         await self._dispatch_next(turn.session_id)
         await delivery.ack()
+        self.metrics.delivery("done")
 
     async def _dispatch_next(self, session_id: str) -> None:
         cutoff = datetime.now(UTC) - timedelta(seconds=REPUBLISH_AFTER)

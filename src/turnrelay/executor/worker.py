@@ -206,6 +206,7 @@ class Executor:
             turn_id, _, session_id = item.partition(" ")
             log.warning("turn %s: its executor stopped beating; publishing it again", turn_id)
             await self.queue.publish(TurnMessage(turn_id, session_id))
+            self.metrics.takeovers.labels("reaper").inc()
         return len(reaped)
 
     async def _sweep_loop(self) -> None:
@@ -251,4 +252,5 @@ class Executor:
             return 0
         await self.queue.publish(TurnMessage(head.id, head.session_id))
         await self.store.mark_published(head.id)
+        self.metrics.takeovers.labels("sweeper").inc()
         return 1
