@@ -39,8 +39,10 @@ def cancels(urls: list[str], turns: int, rounds: int) -> dict[str, float]:
             for _ in range(turns):
                 c = rng.choice(clients)
                 sid = c.post("/api/chat/sessions").json()["id"]
-                c.post(f"/api/chat/sessions/{sid}/turns",
-                       json={"message": "fake:tokens=400 fake:delay_ms=20"})
+                c.post(
+                    f"/api/chat/sessions/{sid}/turns",
+                    json={"message": "fake:tokens=400 fake:delay_ms=20"},
+                )
                 with c.stream("GET", f"/api/chat/sessions/{sid}/stream") as r:
                     read_sse(r, stop_after=4)
                 t0 = time.perf_counter()
@@ -56,8 +58,11 @@ def cancels(urls: list[str], turns: int, rounds: int) -> dict[str, float]:
     finally:
         for c in clients:
             c.close()
-    return {"p50_ms": statistics.median(p50s), "p99_ms": statistics.median(p99s),
-            "health_p50_ms": statistics.median(base)}
+    return {
+        "p50_ms": statistics.median(p50s),
+        "p99_ms": statistics.median(p99s),
+        "health_p50_ms": statistics.median(base),
+    }
 
 
 def main() -> None:
@@ -69,23 +74,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         llm = start_fake_llm(tmp)
-        serve = start_serve(tmp, llm, {"TURNRELAY_API_KEYS": "tok-alice=alice",
-                                       "TURNRELAY_MAX_RUNNING_TURNS_PER_USER": "1000"})
+        serve = start_serve(
+            tmp,
+            llm,
+            {
+                "TURNRELAY_API_KEYS": "tok-alice=alice",
+                "TURNRELAY_MAX_RUNNING_TURNS_PER_USER": "1000",
+            },
+        )
         try:
             results["embedded (serve)"] = cancels([serve.url], args.turns, args.rounds)
         finally:
             serve.stop()
             llm.proc.stop()
         env = {"TURNRELAY_MAX_RUNNING_TURNS_PER_USER": "1000"}
-        with running_cluster(tmp / "cluster" if (tmp / "cluster").mkdir() is None else tmp,
-                             apis=2, executors=2, extra_env=env) as cluster:
+        with running_cluster(
+            tmp / "cluster" if (tmp / "cluster").mkdir() is None else tmp,
+            apis=2,
+            executors=2,
+            extra_env=env,
+        ) as cluster:
             results["distributed (2 api, 2 executors)"] = cancels(
-                [a.url for a in cluster.apis], args.turns, args.rounds)
-    print(f"cancel to confirmed stop, {args.turns} turns x {args.rounds} rounds "
-          "(median of per-round percentiles)")
+                [a.url for a in cluster.apis], args.turns, args.rounds
+            )
+    print(
+        f"cancel to confirmed stop, {args.turns} turns x {args.rounds} rounds "
+        "(median of per-round percentiles)"
+    )
     for k, r in results.items():
-        print(f"  {k:34s} p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms"
-              f"  (GET /health p50 {r['health_p50_ms']:.1f} ms)")
+        print(
+            f"  {k:34s} p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms"
+            f"  (GET /health p50 {r['health_p50_ms']:.1f} ms)"
+        )
     print(json.dumps(results))
 
 

@@ -104,35 +104,52 @@ def main() -> None:
         try:
             with httpx.Client(timeout=30) as direct:
                 results["baseline (fake model direct)"] = run_rounds(
-                    lambda i: first_delta_direct(llm, direct, f"bench {i}"), args.turns,
-                    args.rounds)
-            common = {"TURNRELAY_MODEL": "openai:fake", "OPENAI_BASE_URL": llm.base_url,
-                      "OPENAI_API_KEY": "unused", "TURNRELAY_API_KEYS": "tok-bench=bench",
-                      "TURNRELAY_MAX_RUNNING_TURNS_PER_USER": "1000"}
+                    lambda i: first_delta_direct(llm, direct, f"bench {i}"), args.turns, args.rounds
+                )
+            common = {
+                "TURNRELAY_MODEL": "openai:fake",
+                "OPENAI_BASE_URL": llm.base_url,
+                "OPENAI_API_KEY": "unused",
+                "TURNRELAY_API_KEYS": "tok-bench=bench",
+                "TURNRELAY_MAX_RUNNING_TURNS_PER_USER": "1000",
+            }
             if "embedded" in modes:
                 port = free_port()
-                serve = start("serve", ["serve", "--port", str(port)], env=common, tmp=tmp,
-                              health_url=f"http://127.0.0.1:{port}/health")
+                serve = start(
+                    "serve",
+                    ["serve", "--port", str(port)],
+                    env=common,
+                    tmp=tmp,
+                    health_url=f"http://127.0.0.1:{port}/health",
+                )
                 try:
                     results["embedded (serve)"] = bench_api(
-                        f"http://127.0.0.1:{port}", args.turns, args.rounds)
+                        f"http://127.0.0.1:{port}", args.turns, args.rounds
+                    )
                 finally:
                     serve.stop()
             if "distributed" in modes:
-                cluster = Cluster(tmp=tmp, llm=llm, postgres_url=POSTGRES_URL,
-                                  extra_env={"TURNRELAY_API_KEYS": "tok-bench=bench"})
+                cluster = Cluster(
+                    tmp=tmp,
+                    llm=llm,
+                    postgres_url=POSTGRES_URL,
+                    extra_env={"TURNRELAY_API_KEYS": "tok-bench=bench"},
+                )
                 cluster.create()
                 try:
                     api = cluster.start_api()
                     cluster.start_executor()
                     results["distributed (api + executor)"] = bench_api(
-                        api.url, args.turns, args.rounds)
+                        api.url, args.turns, args.rounds
+                    )
                 finally:
                     cluster.stop()
         finally:
             llm.proc.stop()
-    print(f"time to first text-delta, {args.turns} turns x {args.rounds} rounds "
-          "(median of per-round percentiles)")
+    print(
+        f"time to first text-delta, {args.turns} turns x {args.rounds} rounds "
+        "(median of per-round percentiles)"
+    )
     for name, r in results.items():
         print(f"  {name:32s} p50 {r['p50_ms']:7.2f} ms   p99 {r['p99_ms']:7.2f} ms")
     print(json.dumps(results))

@@ -63,10 +63,10 @@ class Metrics:
         self.deliveries = Counter(
             "turnrelay_deliveries",
             "Turn messages this executor settled, by what became of them: done (an "
-            "attempt ran, or the turn was ended here), ended (the turn had ended: dropped), requeued (its session "
-            "is held elsewhere, or a backend failed), superseded (a newer attempt owns "
-            "the turn), deleted (its session is gone), abandoned (left to the broker "
-            "at shutdown)",
+            "attempt ran, or the turn was ended here), ended (the turn had ended: "
+            "dropped), requeued (its session is held elsewhere, or a backend failed), "
+            "superseded (a newer attempt owns the turn), deleted (its session is "
+            "gone), abandoned (left to the broker at shutdown)",
             ["outcome"],
             registry=self.registry,
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -88,7 +89,12 @@ class Cluster:
         asyncio.run(_create_db(self.postgres_url, self.db_name))
         migrate = subprocess.run(
             [sys.executable, "-m", "turnrelay.cli", "migrate"],
-            env={**self.env(), "PATH": "/usr/bin:/bin"},
+            env={
+                **self.env(),
+                "PATH": "/usr/bin:/bin",
+                # a benchmark may point the processes at another checkout
+                **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
+            },
             capture_output=True,
             text=True,
             timeout=60,

@@ -42,9 +42,13 @@ class RunningTurns:
         self._runs: dict[str, Run] = {}
         self._cancelled: OrderedDict[str, float] = OrderedDict()
         self._held: dict[str, str] = {}  # turn_id -> session_id
+        # Set when a turn is newly held: the liveness beat publishes it at once,
+        # so a process that freezes right after taking a turn is not missed.
+        self.held_changed = asyncio.Event()
 
     def hold(self, turn_id: str, session_id: str) -> None:
         self._held[turn_id] = session_id
+        self.held_changed.set()
 
     def unhold(self, turn_id: str) -> None:
         self._held.pop(turn_id, None)

@@ -13,7 +13,12 @@ VM migration), another executor's delivery takes the lease over. A killed
 executor's deliveries come back from the broker at once; a frozen one's do
 not (its connection looks alive), so every executor's reaper, every
 ``LIVENESS_TTL / 3``, claims the holdings of lapsed executors (each exactly
-once, cluster-wide) and publishes those turns again.
+once, cluster-wide) and runs those turns itself: it hands each to its own
+workers as a local delivery rather than through the broker, which would push
+it into the frozen consumer's open prefetch as readily as anywhere else. A
+local delivery's ack is a no-op (the frozen process's own delivery is settled
+when it wakes, or comes back when the broker drops its connection, and is then
+dropped as ended); its requeue publishes the turn to the broker.
 
 The sweeper (one executor per ``SWEEP_INTERVAL``, under a lease) publishes the
 session heads no message carries: a head nobody dispatched (a crash between a
@@ -42,12 +47,36 @@ from turnrelay.executor.runner import REPUBLISH_AFTER, TurnRunner
 from turnrelay.lease.base import Lease
 from turnrelay.lifecycle import session_lease_key
 from turnrelay.metrics import Metrics
-from turnrelay.queue.base import TurnMessage, TurnQueue
+from turnrelay.queue.base import Delivery, TurnMessage, TurnQueue
 from turnrelay.runtime.base import AgentRuntime
 from turnrelay.settings import Settings
 from turnrelay.store.base import ChatStore
 
 log = logging.getLogger(__name__)
+
+
+class TakeoverDelivery:
+    """A turn reaped from an executor that stopped beating, run here directly."""
+
+    def __init__(self, queue: TurnQueue, message: TurnMessage) -> None:
+        self._queue = queue
+        self._message = message
+
+    @property
+    def message(self) -> TurnMessage:
+        return self._message
+
+    @property
+    def redelivered(self) -> bool:
+        return True
+
+    async def ack(self) -> None:
+        pass  # no broker message of its own
+
+    async def requeue(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self._queue.publish(self._message)
+
 
 # How long an idle worker waits on the queue before checking for shutdown/idle.
 _POLL = 0.2
@@ -90,6 +119,7 @@ class Executor:
         )
         self._stopping = asyncio.Event()
         self._busy = 0
+        self._takeovers: asyncio.Queue[TakeoverDelivery] = asyncio.Queue()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -150,8 +180,12 @@ class Executor:
 
     async def _work(self, until_idle: bool) -> None:
         while not self._stopping.is_set():
+            delivery: Delivery | None
             try:
-                delivery = await self.queue.receive(timeout=_POLL)
+                if not self._takeovers.empty():
+                    delivery = self._takeovers.get_nowait()
+                else:
+                    delivery = await self.queue.receive(timeout=_POLL)
             except TurnrelayError as exc:
                 log.warning("receive failed: %s", exc.detail)
                 await asyncio.sleep(1.0)
@@ -184,8 +218,11 @@ class Executor:
         await self.lease.beat(self.id, self.settings.liveness_ttl, holding)
 
     async def _beat_loop(self) -> None:
+        changed = self.running.held_changed
         while True:
-            await asyncio.sleep(self.settings.liveness_ttl / 6)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), self.settings.liveness_ttl / 6)
+            changed.clear()
             try:
                 await self._beat()
             except TurnrelayError as exc:
@@ -200,13 +237,18 @@ class Executor:
                 log.warning("reaping failed: %s", exc.detail)
 
     async def reap(self) -> int:
-        """Publish again the turns of executors whose liveness lapsed."""
+        """Take over the turns of executors whose liveness lapsed: run them here
+        if a worker is free, else publish them to the broker."""
         reaped = await self.lease.reap()
         for item in reaped:
             turn_id, _, session_id = item.partition(" ")
-            log.warning("turn %s: its executor stopped beating; publishing it again", turn_id)
-            await self.queue.publish(TurnMessage(turn_id, session_id))
+            message = TurnMessage(turn_id, session_id)
+            log.warning("turn %s: its executor stopped beating; taking it over", turn_id)
             self.metrics.takeovers.labels("reaper").inc()
+            if self._busy + self._takeovers.qsize() < self.settings.num_workers:
+                self._takeovers.put_nowait(TakeoverDelivery(self.queue, message))
+            else:
+                await self.queue.publish(message)
         return len(reaped)
 
     async def _sweep_loop(self) -> None:

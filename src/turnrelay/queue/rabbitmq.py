@@ -70,6 +70,12 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 # How long a publish may wait for a (re)connection and the broker's confirm.
 PUBLISH_TIMEOUT = 10.0
+# AMQP heartbeat (seconds): the broker closes the connection of a peer that
+# missed two. A frozen executor's connection looks alive otherwise, and the
+# broker goes on pushing turns into its prefetch, where they wait until it
+# wakes; at 5 s they come back within ~10 s, while a 1-2 s event-loop stall
+# costs nothing. (The turns it was running are taken over sooner, by liveness.)
+HEARTBEAT = 5
 
 # The link dropped (not the broker refusing): worth publishing again once the
 # robust connection restores it, within ``publish_timeout``.
@@ -238,6 +244,7 @@ class RabbitTurnQueue:
                 connection = await aio_pika.connect_robust(
                     self._url,
                     timeout=self._connect_timeout,
+                    heartbeat=HEARTBEAT,
                     client_properties={"connection_name": f"turnrelay {self.consumer_id}"},
                 )
                 async with asyncio.timeout(self._connect_timeout):
