@@ -22,9 +22,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.first_delta import percentile  # noqa: E402
-from tests.e2e.cluster import running_cluster  # noqa: E402
-from tests.procs import read_sse, start_fake_llm, start_serve  # noqa: E402
+from tests.e2e.cluster import running_cluster
+from tests.procs import read_sse, start_fake_llm, start_serve
+
+from bench.first_delta import percentile
 
 AUTH = {"authorization": "Bearer tok-alice"}
 
