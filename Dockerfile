@@ -11,4 +11,7 @@ USER turnrelay
 WORKDIR /home/turnrelay
 EXPOSE 8000 8008
 ENTRYPOINT ["turnrelay"]
+# Without TURNRELAY_API_KEYS this refuses to start (exit 2): every caller would be
+# the same local user, able to read and delete every chat. Set the keys, or run
+# another role (`executor`, `migrate`, `serve --host 127.0.0.1`).
 CMD ["api", "--host", "0.0.0.0", "--port", "8000"]

@@ -42,17 +42,15 @@ def _is_loopback(host: str) -> bool:
             return False
 
 
-def _check_serving(settings: Settings, host: str) -> Settings:
-    """The settings to serve with: with no model configured, the bundled local
-    model when its extra is installed."""
+def _check_listening(settings: Settings, host: str) -> None:
+    """Every process that serves the HTTP API (``serve``, ``api``): without API
+    keys every caller is the same local user, who may read and delete every
+    chat, so only a loopback address is allowed."""
     if not settings.user_tokens() and not _is_loopback(host):
         raise ConfigError(
             f"refusing to listen on {host}: without TURNRELAY_API_KEYS every caller is the "
             "same local user. Set TURNRELAY_API_KEYS=token=user_id,… or use --host 127.0.0.1."
         )
-    from turnrelay.services import with_default_model
-
-    return with_default_model(settings)
 
 
 def _http_server(services: Services, host: str, port: int) -> uvicorn.Server:
@@ -228,9 +226,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         settings = Settings()
+        if args.command in ("serve", "api"):
+            _check_listening(settings, args.host)
         if args.command == "serve":
-            settings = _check_serving(settings, args.host)
-            asyncio.run(_serve(settings, args.host, args.port))
+            from turnrelay.services import with_default_model
+
+            asyncio.run(_serve(with_default_model(settings), args.host, args.port))
         elif args.command == "api":
             asyncio.run(_api(settings, args.host, args.port))
         elif args.command == "executor":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -171,9 +172,8 @@ def build_runtimes(settings: Settings) -> dict[str, AgentRuntime]:
                 auth_token=os.environ.get("ANTHROPIC_AUTH_TOKEN"),
                 cli_tools=settings.claude_tools,
                 max_tool_steps=settings.max_tool_steps,
-                # The CLI inherits this process's environment: blank turnrelay's
-                # own secrets (database, broker, API keys) so no tool can read them.
-                env={k: "" for k in os.environ if k.startswith("TURNRELAY_")},
+                # Confines the CLI and what it runs to the session's directory.
+                bwrap=shutil.which("bwrap"),
             )
         elif provider == "local":
             from turnrelay.runtime.local import LocalRuntime, find_gguf

@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     tools: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(default_factory=list)
     # Built-in tools of the Claude Code CLI to enable (e.g. `WebSearch,Read`);
     # empty, the safe default: none, so the model cannot run commands or touch files.
+    # File tools stay inside the session's directory; `Bash` runs only under
+    # bubblewrap, so the executor refuses to start with it where bwrap does not work.
     claude_tools: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(
         default_factory=list
     )

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from turnrelay.api.auth import Authenticator
+from turnrelay.api.body import read_body
 from turnrelay.api.control import TurnControl
 from turnrelay.api.cursor import pick_cursor
 from turnrelay.api.hub import StreamHub
@@ -196,7 +197,7 @@ class ChatRoutes:
             raise SessionNotFound(f"session {session_id[:64]!r} not found")
         try:
             body = parse_submit(
-                await request.body(), max_message_bytes=self.settings.max_message_bytes
+                await read_body(request), max_message_bytes=self.settings.max_message_bytes
             )
             model = self.control.resolve_model(body.model)
         except TurnrelayError:

@@ -1,8 +1,9 @@
 """Request bodies: turnrelay's own submit body and the AI SDK transport's.
 
-Parsing is strict and every limit is explicit: the body size, the message size,
-the ``message_id`` form. Bad input raises a ``BadRequest``/``PayloadTooLarge``
-with a message that says what to fix.
+Parsing is strict and every limit is explicit: the message size and the
+``message_id`` form here; the body size while it is received (``api/body.py``).
+Bad input raises a ``BadRequest``/``PayloadTooLarge`` with a message that says
+what to fix.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 from turnrelay.errors import BadRequest, PayloadTooLarge
 from turnrelay.store.base import Multitask
 
-MAX_BODY_BYTES = 4 * 1024 * 1024  # a DefaultChatTransport body carries the whole history
 MESSAGE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SESSION_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -29,8 +29,7 @@ class SubmitBody:
 
 
 def parse_json(raw: bytes) -> Any:
-    if len(raw) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
+    """``raw`` is a body already read under its size limit (``read_body``)."""
     if not raw.strip():
         raise BadRequest("request body is empty; send JSON", code="invalid_json")
     try:

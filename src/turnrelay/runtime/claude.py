@@ -2,10 +2,23 @@
 
 The SDK's wheel bundles the CLI. A turn is one ``ClaudeSDKClient`` (one CLI
 process) working in the session's directory under the sandbox base (created for
-the turn; ``session_directory`` keeps it inside the base). The CLI talks to
-``ANTHROPIC_BASE_URL`` with ``ANTHROPIC_API_KEY`` or ``ANTHROPIC_AUTH_TOKEN``, so
-Anthropic, OpenRouter and gateways all work; the composition root reads them and
-passes them in, this module never reads the environment.
+the turn; ``session_directory`` keeps it inside the base), which is also the CLI's
+``HOME``, with ``CLAUDE_CONFIG_DIR`` at ``<session dir>/.claude`` and ``TMPDIR``
+at ``<session dir>/.tmp``. The CLI talks to ``ANTHROPIC_BASE_URL`` with
+``ANTHROPIC_API_KEY`` or ``ANTHROPIC_AUTH_TOKEN``, so Anthropic, OpenRouter and
+gateways all work; the composition root reads them and passes them in, this
+module never reads the environment.
+
+Confined to its session (``confine.py``). The CLI is started through a launcher
+that hands it an allow-listed environment (what it needs to run and reach the
+model; no database, broker, cloud or other provider secrets) and, where
+bubblewrap works, runs it in its own namespaces: the system read-only, the
+session's directory the only writable place, no other session's directory, and
+only its own processes in ``/proc``. A PreToolUse hook denies the CLI's file
+tools any path that resolves outside the session's directory. ``Bash`` (or any
+built-in that can run commands) is refused at startup where bubblewrap does not
+work. What the sandbox cannot hide from a command run by ``Bash``: the model
+credentials the CLI itself holds (``ANTHROPIC_*``), and the network.
 
 Safe by default. ``tools=[]`` removes the CLI's built-in tools (Bash, Read, Edit,
 WebFetch, …): a model that asks for one gets "No such tool available" as a tool
@@ -42,8 +55,10 @@ import contextlib
 import json
 import logging
 import re
+import shutil
+import tempfile
 from collections import deque
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +70,7 @@ from claude_agent_sdk import (
     CLIConnectionError,
     CLIJSONDecodeError,
     CLINotFoundError,
+    HookMatcher,
     ProcessError,
     ResultMessage,
     SdkMcpTool,
@@ -67,7 +83,7 @@ from claude_agent_sdk import (
     create_sdk_mcp_server,
 )
 
-from turnrelay.errors import ModelError, RuntimeFailure
+from turnrelay.errors import ConfigError, ModelError, RuntimeFailure
 from turnrelay.runtime.base import (
     ReasoningDelta,
     RuntimeEvent,
@@ -82,6 +98,7 @@ from turnrelay.runtime.base import (
     TurnContext,
     Usage,
 )
+from turnrelay.runtime.confine import QUIET_ENV, check_sandbox, path_guard, write_launcher
 from turnrelay.runtime.history import bound_history
 from turnrelay.tools.base import ToolContext, session_directory
 from turnrelay.tools.registry import ToolRegistry
@@ -91,15 +108,6 @@ log = logging.getLogger(__name__)
 MCP_SERVER = "turnrelay"
 # How the CLI names the tools of an MCP server; the stream shows the bare name.
 MCP_PREFIX = f"mcp__{MCP_SERVER}__"
-# The CLI's traffic that a turn does not need (telemetry, update checks, error
-# reports, surveys): off, so a turn only ever calls the model endpoint.
-QUIET_ENV = {
-    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-    "DISABLE_TELEMETRY": "1",
-    "DISABLE_AUTOUPDATER": "1",
-    "DISABLE_ERROR_REPORTING": "1",
-    "CLAUDE_CODE_DISABLE_FEEDBACK_SURVEY": "1",
-}
 # An interrupt is a control request the CLI answers at once; past this, closing
 # its input and then signals end it anyway.
 INTERRUPT_TIMEOUT = 2.0
@@ -123,17 +131,22 @@ class ClaudeRuntime:
         cli_tools: Sequence[str] = (),
         max_tool_steps: int = 8,
         cli_path: str | None = None,
-        env: Mapping[str, str] | None = None,
+        bwrap: str | None = None,
     ) -> None:
         """``sandbox_dir`` must be absolute and the same on every executor.
         ``cli_tools`` names the CLI's built-in tools to enable (none by default).
-        ``env`` is added to the CLI's environment (over the process's own)."""
+        ``cli_path``: the CLI to run (default: the one the SDK bundles).
+        ``bwrap``: bubblewrap, to confine the CLI; required by ``Bash``."""
         self.sandbox_dir = sandbox_dir
         self.tools = tools if tools is not None else ToolRegistry()
         self.cli_tools = list(cli_tools)
         self.max_tool_steps = max_tool_steps
         self.cli_path = cli_path
-        self.env = {**QUIET_ENV, **(env or {})}
+        self.bwrap = bwrap
+        self.confined = False  # set by startup(): whether bwrap works here
+        self._launcher_dir: Path | None = None
+        self._launcher: Path | None = None
+        self.env = dict(QUIET_ENV)
         for name, value in (
             ("ANTHROPIC_BASE_URL", base_url),
             ("ANTHROPIC_API_KEY", api_key),
@@ -144,9 +157,29 @@ class ClaudeRuntime:
 
     async def startup(self) -> None:
         self.sandbox_dir.mkdir(parents=True, exist_ok=True)
+        cli = self.cli_path or _bundled_cli()
+        self.confined = await check_sandbox(
+            self.bwrap, cli=cli, sandbox=self.sandbox_dir, tools=self.cli_tools
+        )
+        if not self.confined:
+            log.warning(
+                "bubblewrap does not work here: the Claude Code CLI runs with an "
+                "allow-listed environment but without a private view of the filesystem"
+            )
+        # Outside the sandbox: no session can see or change it.
+        self._launcher_dir = Path(tempfile.mkdtemp(prefix="turnrelay-claude-"))
+        self._launcher = write_launcher(
+            self._launcher_dir,
+            cli=cli,
+            bwrap=self.bwrap if self.confined else None,
+            sandbox=self.sandbox_dir,
+        )
 
     async def shutdown(self) -> None:
-        pass  # every turn owns its CLI process and ends it
+        # Every turn owns its CLI process and ends it; only the launcher is left.
+        if self._launcher_dir is not None:
+            shutil.rmtree(self._launcher_dir, ignore_errors=True)
+            self._launcher_dir = self._launcher = None
 
     async def run(self, ctx: TurnContext) -> AsyncGenerator[RuntimeEvent, None]:
         workdir = session_directory(self.sandbox_dir, ctx.session_id)
@@ -187,6 +220,21 @@ class ClaudeRuntime:
         servers: dict[str, Any] = {}
         if own:
             servers[MCP_SERVER] = self._mcp_server(tool_context)
+        if self._launcher is None:
+            raise RuntimeFailure("the claude runtime was not started")
+        hooks: dict[Any, list[HookMatcher]] = {}
+        if self.cli_tools:
+            # Fails closed: a hook that errors denies the call.
+            hooks["PreToolUse"] = [HookMatcher(hooks=[path_guard(workdir)], on_failure="block")]
+        # The session's directory is the CLI's home, configuration and scratch.
+        scratch = workdir / ".tmp"
+        scratch.mkdir(exist_ok=True)
+        env = {
+            **self.env,
+            "HOME": str(workdir),
+            "CLAUDE_CONFIG_DIR": str(workdir / ".claude"),
+            "TMPDIR": str(scratch),
+        }
         return ClaudeAgentOptions(
             tools=list(self.cli_tools),
             allowed_tools=own + self.cli_tools,
@@ -197,11 +245,12 @@ class ClaudeRuntime:
             system_prompt=system_prompt(ctx),
             model=ctx.model.name,
             cwd=str(workdir),
-            env=self.env,
+            env=env,
+            hooks=hooks or None,
             include_partial_messages=True,
             verbatim_prompts=True,
             max_turns=self.max_tool_steps + 1,
-            cli_path=self.cli_path,
+            cli_path=str(self._launcher),
             stderr=stderr.append,
         )
 
@@ -355,6 +404,22 @@ class _Translator:
         )
         events.append(Usage(input_tokens, int(usage.get("output_tokens") or 0)))
         return events
+
+
+def _bundled_cli() -> str:
+    """The CLI that the SDK's wheel bundles, else a ``claude`` on PATH."""
+    import claude_agent_sdk
+
+    bundled = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+    if bundled.is_file():
+        return str(bundled)
+    found = shutil.which("claude")
+    if found is None:
+        raise ConfigError(
+            "the Claude Code CLI was not found: the claude-agent-sdk wheel for this "
+            "platform bundles it (pip install 'turnrelay[claude]')"
+        )
+    return found
 
 
 def _shown_name(name: str) -> str:
