@@ -269,10 +269,11 @@ async def test_turns_queue_is_a_durable_quorum_queue(amqp_url: str, unique: str)
             # Re-declaring with the same properties is accepted; any other type or
             # durability is refused as inequivalent, which proves what exists.
             channel = await connection.channel()
-            await channel.declare_queue(turns, durable=True, arguments={"x-queue-type": "quorum"})
+            declared = {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT}
+            await channel.declare_queue(turns, durable=True, arguments=declared)
             refused: list[dict[str, Any]] = [
-                {"durable": True, "arguments": {"x-queue-type": "classic"}},
-                {"durable": False, "arguments": {"x-queue-type": "quorum"}},
+                {"durable": True, "arguments": {**declared, "x-queue-type": "classic"}},
+                {"durable": False, "arguments": declared},
             ]
             for kwargs in refused:
                 channel = await connection.channel()
