@@ -285,8 +285,9 @@ class ChatClient:
         with request as r:
             if r.status_code == 410 and turn.turn_id:
                 r.read()
-                self._finish_from_history(session_id, turn)
-                return True
+                if self._finish_from_history(session_id, turn):
+                    return True
+                raise _Dropped("the stream is gone while the turn still runs")
             if r.status_code in _RETRYABLE_STATUS and turn.turn_id:
                 r.read()
                 raise _Dropped(f"HTTP {r.status_code}")
@@ -298,12 +299,16 @@ class ChatClient:
                 turn.feed(ident, json.loads(data))
         return False
 
-    def _finish_from_history(self, session_id: str, turn: _Turn) -> None:
-        """The stream expired while we were away: print the rest from the stored message."""
+    def _finish_from_history(self, session_id: str, turn: _Turn) -> bool:
+        """The stream expired while we were away: print the rest from the stored
+        message. False while the turn still runs (what is stored is only a
+        checkpoint, not the answer): the caller tries the stream again."""
         r = self.http.get(f"/api/chat/sessions/{session_id}")
         _raise_for_status(r)
         for message in r.json().get("messages", []):
             if message.get("turn_id") == turn.turn_id and message.get("role") == "assistant":
+                if message.get("status") in ("queued", "running"):
+                    return False
                 content = str(message.get("content") or "")
                 if content.startswith(turn.text):
                     turn.console.text(content[len(turn.text) :])
@@ -316,7 +321,7 @@ class ChatClient:
                     turn.error = "the turn failed"
                 elif status == "cancelled":
                     turn.aborted = True
-                return
+                return True
         raise ChatError(f"the stream of turn {turn.turn_id} expired and its reply is not stored")
 
     def _unreachable(self, exc: Exception) -> str:

@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     shutdown_grace: Duration | None = None
     max_running_turns_per_user: int = Field(5, ge=1)
     max_queued_turns_per_session: int = Field(10, ge=1)
+    # SSE streams one user may hold open on one API process (429 beyond it).
+    max_streams_per_user: int = Field(20, ge=1)
     history_tokens: int = Field(32000, ge=256)
     cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(
         default_factory=list

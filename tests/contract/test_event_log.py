@@ -143,6 +143,44 @@ async def test_cancelled_blocking_read_leaves_the_log_usable(harness: Harness) -
     assert await asyncio.wait_for(reader, BOUND) == {"t1": frames(2)}
 
 
+async def test_wake_ends_a_blocked_read_without_cancelling_it(harness: Harness) -> None:
+    log = harness.log
+    await log.append("t1", frames(1), epoch=1, ttl=LIVE)
+    reader = asyncio.create_task(log.read({"t1": 1}, block=BOUND * 2, wake="hub-a"))
+    await asyncio.sleep(0.05)
+    await log.wake("hub-b")  # another channel: not this reader's
+    await asyncio.sleep(0.1)
+    assert not reader.done()
+    await log.wake("hub-a")
+    assert await asyncio.wait_for(reader, BOUND) == {}
+    # The read after it blocks again (the wake was taken) and still sees appends.
+    reader = asyncio.create_task(log.read({"t1": 1}, block=BOUND * 2, wake="hub-a"))
+    await asyncio.sleep(0.1)
+    assert not reader.done()
+    await log.append("t1", frames(2), epoch=1, ttl=LIVE)
+    assert await asyncio.wait_for(reader, BOUND) == {"t1": frames(2)}
+
+
+async def test_a_wake_before_the_read_is_latched(harness: Harness) -> None:
+    log = harness.log
+    await log.wake("hub-a")
+    started = time.monotonic()
+    assert await log.read({"t1": 0}, block=BOUND * 2, wake="hub-a") == {}
+    assert time.monotonic() - started < BOUND
+    # Taken once: the next read blocks until its timeout.
+    started = time.monotonic()
+    assert await log.read({"t1": 0}, block=0.3, wake="hub-a") == {}
+    assert time.monotonic() - started >= 0.25
+
+
+async def test_a_woken_read_still_returns_ready_frames(harness: Harness) -> None:
+    log = harness.log
+    await log.append("t1", frames(1, 2), epoch=1, ttl=LIVE)
+    await log.wake("hub-a")
+    got = await asyncio.wait_for(log.read({"t1": 0}, block=BOUND, wake="hub-a"), BOUND)
+    assert got == {"t1": frames(1, 2)}
+
+
 def other(*seqs: int) -> list[Frame]:
     """Frames at ``seqs`` whose content differs from ``frames(*seqs)``."""
     return [Frame(seq=s, data=f'{{"other":{s}}}') for s in seqs]

@@ -150,19 +150,24 @@ def running_cluster(
     apis: int,
     executors: int,
     redis_url: str | None = None,
+    amqp_url: str | None = None,
+    postgres_url: str | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
     """A fake LLM, a fresh database and namespace, and the given processes;
-    skips locally (fails under CI) when a server is unreachable."""
+    skips locally (fails under CI) when a server is unreachable. A test may
+    put its own Redis, RabbitMQ node or PostgreSQL proxy under the cluster."""
     require_server("PostgreSQL", POSTGRES_URL, 5432)
-    require_server("RabbitMQ", AMQP_URL, 5672)
+    if amqp_url is None:
+        require_server("RabbitMQ", AMQP_URL, 5672)
     if redis_url is None:
         require_server("Redis", REDIS_URL, 6379)
     llm = start_fake_llm(tmp)
     cluster = Cluster(
         tmp=tmp,
         llm=llm,
-        postgres_url=POSTGRES_URL,
+        postgres_url=postgres_url or POSTGRES_URL,
+        amqp_url=amqp_url or AMQP_URL,
         redis_url=redis_url or REDIS_URL,
         extra_env=extra_env or {},
     )

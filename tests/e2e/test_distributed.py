@@ -25,7 +25,11 @@ AUTH = {"authorization": "Bearer tok-alice"}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with running_cluster(tmp_path_factory.mktemp("cluster"), apis=2, executors=2) as c:
+    # One user streams fifty turns at once from one API below.
+    env = {"TURNRELAY_MAX_STREAMS_PER_USER": "100"}
+    with running_cluster(
+        tmp_path_factory.mktemp("cluster"), apis=2, executors=2, extra_env=env
+    ) as c:
         yield c
 
 

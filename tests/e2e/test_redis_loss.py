@@ -4,78 +4,29 @@ The cluster runs on a private redis-server that the test kills and starts again
 on the same port. The turn goes on: the executor takes its lease again, its
 writer restarts the turn's log at the next seq with `data-stream-reset` and a
 snapshot of the message so far; a reader that was caught up rebuilds the
-message from there, older cursors answer 410, and a replay from the start gives
-the whole message.
+message from there (never a 410 while the turn runs), an older cursor rebuilds
+from the reset too, and a replay from the start gives the whole message.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import skip_or_fail
 from tests.e2e.cluster import Cluster, running_cluster
-from tests.procs import free_port, iter_sse, read_sse
+from tests.procs import iter_sse, read_sse
+from tests.servers import PrivateRedis
 
 pytestmark = pytest.mark.slow
 AUTH = {"authorization": "Bearer tok-alice"}
 
 
-class PrivateRedis:
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.tmp = tmp
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.tmp),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while (
-            subprocess.run(
-                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True
-            ).stdout.strip()
-            != "PONG"
-        ):
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(5)
-
-
 @pytest.fixture
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, PrivateRedis]]:
-    if shutil.which("redis-server") is None:
-        skip_or_fail("redis-server is not installed")
     tmp = tmp_path_factory.mktemp("redisloss")
     redis = PrivateRedis(tmp)
     redis.start()
@@ -102,6 +53,29 @@ def assemble(events: list[tuple[str | None, str]]) -> str:
     return text
 
 
+def resume_to_done(
+    client: httpx.Client, sid: str, cursor: str | None
+) -> list[tuple[str | None, str]]:
+    """Resume with the cursor until ``[DONE]``. Never a 410: the turn still runs,
+    and its executor restores the log (503 only while this API cannot reach
+    Redis yet)."""
+    events: list[tuple[str | None, str]] = []
+    deadline = time.monotonic() + 30
+    while True:
+        with client.stream(
+            "GET", f"/api/chat/sessions/{sid}/stream", headers={"Last-Event-ID": cursor or ""}
+        ) as r:
+            assert r.status_code in (200, 503), r.read()
+            if r.status_code == 200:
+                resumed = read_sse(r)
+                events += resumed.events
+                cursor = resumed.events[-1][0] if resumed.events else cursor
+                if resumed.done:
+                    return events
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
 def test_turn_survives_a_redis_restart(setup: tuple[Cluster, PrivateRedis]) -> None:
     cluster, redis = setup
     expected = " ".join(f"t{i}" for i in range(60))
@@ -123,27 +97,10 @@ def test_turn_survives_a_redis_restart(setup: tuple[Cluster, PrivateRedis]) -> N
                     redis.start()  # empty
             # the API ended the stream without [DONE] when Redis went away
         assert seen[-1][1] != "[DONE]"
-        cursor = seen[-1][0]
-        deadline = time.monotonic() + 30
-        while True:  # resume with the cursor until the API answers again
-            with client.stream(
-                "GET", f"/api/chat/sessions/{sid}/stream", headers={"Last-Event-ID": cursor or ""}
-            ) as r:
-                if r.status_code == 410:
-                    resumed = None
-                    break
-                if r.status_code == 200:
-                    resumed = read_sse(r)
-                    if resumed.done:
-                        break
-                    seen += resumed.events
-                    cursor = resumed.events[-1][0] if resumed.events else cursor
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        if resumed is not None:
-            # caught up at the loss: the reset arrives in-band and rebuilds the message
-            assert assemble(seen + resumed.events) == expected
-            assert any('"data-stream-reset"' in d for _, d in resumed.events)
+        seen += resume_to_done(client, sid, seen[-1][0])
+        # Caught up at the loss: the reset arrives in-band and rebuilds the message.
+        assert any('"data-stream-reset"' in d for _, d in seen[12:])
+        assert assemble(seen) == expected
         with client.stream(
             "GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": turn_id}
         ) as r:
@@ -154,10 +111,46 @@ def test_turn_survives_a_redis_restart(setup: tuple[Cluster, PrivateRedis]) -> N
         assert assemble(whole.events) == expected
         seqs = [int(i.split(":")[1]) for i in whole.ids]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
-        # a cursor from before the loss is gone
-        r = client.get(f"/api/chat/sessions/{sid}/stream", params={"after": f"{turn_id}:2"})
+        # A cursor from before the loss is not in the restarted log, but the log
+        # begins with a reset and a snapshot, so it rebuilds the whole message.
+        with client.stream(
+            "GET", f"/api/chat/sessions/{sid}/stream", params={"after": f"{turn_id}:2"}
+        ) as r:
+            assert r.status_code == 200
+            old = read_sse(r)
+        assert old.done and old.chunks[0]["type"] == "data-stream-reset"
+        assert assemble(old.events) == expected
+        # A cursor beyond the log's end never existed.
+        r = client.get(f"/api/chat/sessions/{sid}/stream", params={"after": f"{turn_id}:9999"})
         assert r.status_code == 410
         turn = client.get(f"/api/chat/sessions/{sid}/turns/{turn_id}").json()
         assert turn["status"] == "completed"
         session = client.get(f"/api/chat/sessions/{sid}").json()
         assert session["messages"][1]["content"] == expected
+
+
+def test_a_reader_during_a_silent_stretch_waits_for_the_restored_log(
+    setup: tuple[Cluster, PrivateRedis],
+) -> None:
+    """Redis is lost while the turn is silent (a long tool call, a slow model):
+    nothing is appended for seconds, yet a reader resuming with its cursor gets
+    no 410; it waits, and the executor's heartbeat restores the log."""
+    cluster, redis = setup
+    with httpx.Client(base_url=cluster.apis[0].url, headers=AUTH, timeout=60) as client:
+        sid = client.post("/api/chat/sessions").json()["id"]
+        client.post(
+            f"/api/chat/sessions/{sid}/turns",
+            json={"message": "quiet fake:tokens=3 fake:delay_ms=4000"},
+        ).raise_for_status()
+        seen: list[tuple[str | None, str]] = []
+        with client.stream("GET", f"/api/chat/sessions/{sid}/stream") as r:
+            for ident, data in iter_sse(r):
+                if data is not None:
+                    seen.append((ident, data))
+                    if '"text-delta"' in data:
+                        break  # the model now stays silent for 4 s
+        redis.kill()
+        redis.start()  # empty, while nothing is being written
+        seen += resume_to_done(client, sid, seen[-1][0])
+        assert any('"data-stream-reset"' in d for _, d in seen)
+        assert assemble(seen) == "t0 t1 t2"

@@ -14,6 +14,7 @@ import pytest
 
 from tests.contract.test_turn_queue import _delete_rabbit_topology
 from turnrelay.api.control import TurnControl
+from turnrelay.api.hub import StreamHub
 from turnrelay.events.memory import MemoryEventLog
 from turnrelay.executor.worker import Executor
 from turnrelay.lease.memory import MemoryLease
@@ -76,7 +77,12 @@ async def rig(tmp_path: Path, amqp_url: str, unique: str) -> AsyncIterator[Rig]:
         grace=1,
     )
     control = TurnControl(
-        settings=settings, store=store, events=events, queue=queue, metrics=metrics
+        settings=settings,
+        store=store,
+        events=events,
+        queue=queue,
+        metrics=metrics,
+        hub=StreamHub(events),
     )
     try:
         yield Rig(store, queue, control, executor, amqp_url)

@@ -129,21 +129,37 @@ def test_queued_turn_cancelled_without_running(
         f"/api/chat/sessions/{sid}/turns", json={"message": "qsecond never runs"}
     ).json()
     wait_running(one, sid, first["turn_id"])
-    # cancel the running head, then the queued one behind it
-    assert two.post(f"/api/chat/sessions/{sid}/cancel").json()["turn_id"] == first["turn_id"]
-    answer = two.post(f"/api/chat/sessions/{sid}/cancel").json()
-    # the executor may already have started the second turn; either way it is stopped
-    assert answer == {"cancelled": True, "turn_id": queued["turn_id"]}
+    # cancel the queued turn behind the running head by its id: it never runs
+    answer = two.post(f"/api/chat/sessions/{sid}/cancel", json={"turn_id": queued["turn_id"]})
+    assert answer.json() == {"cancelled": True, "turn_id": queued["turn_id"]}
     with one.stream(
         "GET", f"/api/chat/sessions/{sid}/stream", params={"turn_id": queued["turn_id"]}
     ) as r:
         sse = read_sse(r)
     assert [c["type"] for c in sse.chunks][-2:] == ["abort", "finish"]
+    # the head was not touched by it; now cancel the head
+    assert one.get(f"/api/chat/sessions/{sid}/turns/{first['turn_id']}").json()["status"] == (
+        "running"
+    )
+    assert two.post(f"/api/chat/sessions/{sid}/cancel").json()["turn_id"] == first["turn_id"]
     wait_idle(one, sid)
     turn = one.get(f"/api/chat/sessions/{sid}/turns/{queued['turn_id']}").json()
-    assert turn["status"] == "cancelled"
-    if turn["attempt"] == 0:
-        assert requests_with(cluster, "qsecond") == []
+    assert (turn["status"], turn["attempt"]) == ("cancelled", 0)
+    assert requests_with(cluster, "qsecond") == []
+    # cancelling it again, or a turn of another session, or a bad body
+    again = two.post(f"/api/chat/sessions/{sid}/cancel", json={"turn_id": queued["turn_id"]})
+    assert again.json() == {
+        "cancelled": False,
+        "turn_id": queued["turn_id"],
+        "reason": "not_active",
+    }
+    other = one.post("/api/chat/sessions").json()["id"]
+    r = two.post(f"/api/chat/sessions/{other}/cancel", json={"turn_id": queued["turn_id"]})
+    assert r.status_code == 404
+    r = two.post(f"/api/chat/sessions/{sid}/cancel", json={"turn_id": 5})
+    assert (r.status_code, r.json()["code"]) == (400, "invalid_body")
+    r = two.post(f"/api/chat/sessions/{sid}/cancel", json={"turn": "x"})
+    assert (r.status_code, r.json()["code"]) == (400, "invalid_body")
 
 
 def test_reject_answers_409_with_the_active_turn(

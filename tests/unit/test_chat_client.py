@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 from turnrelay.chat_client import EXIT_FAILED, EXIT_OK, Console, _events, _Turn
@@ -70,3 +71,45 @@ def test_failed_and_aborted_turns() -> None:
     turn, _, _ = _turn()
     _feed(turn, {"type": "abort"}, {"type": "finish"})
     assert turn.outcome == EXIT_FAILED and turn.aborted
+
+
+def test_a_410_while_the_turn_still_runs_is_not_taken_for_its_end() -> None:
+    """The stored message of a running turn is a checkpoint, not the answer:
+    the client tries the stream again instead of printing it as final."""
+    import httpx
+
+    from turnrelay.chat_client import ChatClient
+
+    def sse(*frames: tuple[int, dict[str, Any]], done: bool = False) -> bytes:
+        body = "".join(f"id: T:{n}\ndata: {json.dumps(c)}\n\n" for n, c in frames)
+        return (body + ("data: [DONE]\n\n" if done else "")).encode()
+
+    status = {"value": "running"}
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(f"{request.method} {request.url.path} {request.headers.get('last-event-id')}")
+        headers = {"x-turn-id": "T", "content-type": "text/event-stream"}
+        if request.method == "POST":
+            start = {"type": "start", "messageId": "m"}
+            return httpx.Response(200, headers=headers, content=sse((1, start), (2, text("Hel"))))
+        if request.url.path.endswith("/stream"):
+            if status["value"] == "running":
+                status["value"] = "seen"  # the next history read still says running
+                return httpx.Response(410, json={"detail": "gone", "code": "gone"})
+            finish = {"type": "finish"}
+            return httpx.Response(
+                200, headers=headers, content=sse((3, text("lo")), (4, finish), done=True)
+            )
+        message = {"turn_id": "T", "role": "assistant", "content": "Hel", "status": "running"}
+        return httpx.Response(200, json={"messages": [message]})
+
+    out, err = io.StringIO(), io.StringIO()
+    client = ChatClient("http://test", console=Console(out, err), backoff=0)
+    client.http = httpx.Client(base_url="http://test", transport=httpx.MockTransport(handler))
+    try:
+        assert client.send("S", "hi") == EXIT_OK
+    finally:
+        client.close()
+    assert out.getvalue().strip() == "Hello"
+    assert calls[-1] == "GET /api/chat/sessions/S/stream T:2"

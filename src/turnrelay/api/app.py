@@ -41,7 +41,7 @@ def create_app(
 ) -> Starlette:
     hub = StreamHub(events)
     control = TurnControl(
-        settings=settings, store=store, events=events, queue=queue, metrics=metrics
+        settings=settings, store=store, events=events, queue=queue, metrics=metrics, hub=hub
     )
     r = ChatRoutes(
         settings=settings,

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
+from turnrelay.api.hub import StreamClosed, StreamHub
 from turnrelay.errors import NotFound, PublishFailed, TurnrelayError, UnknownModel
 from turnrelay.events.base import EventLog
 from turnrelay.lifecycle import close_stream
@@ -52,8 +53,10 @@ class TurnControl:
         events: EventLog,
         queue: TurnQueue,
         metrics: Metrics,
+        hub: StreamHub,
     ) -> None:
         self.settings = settings
+        self.hub = hub
         self.store = store
         self.events = events
         self.queue = queue
@@ -129,10 +132,18 @@ class TurnControl:
         with contextlib.suppress(TurnrelayError):
             await self.store.mark_published(head.id)
 
-    async def cancel(self, session_id: str, user_id: str) -> CancelResult:
+    async def cancel(
+        self, session_id: str, user_id: str, turn_id: str | None = None
+    ) -> CancelResult:
+        """Stop the session's head turn, or with ``turn_id`` that turn (a queued
+        one behind the head is ended without ever running)."""
         _, active = await asyncio.gather(
             self.store.get_session(session_id, user_id), self.store.active_turns(session_id)
         )
+        if turn_id is not None:
+            active = [t for t in active if t.id == turn_id]
+            if not active:
+                return CancelResult(False, turn_id, "not_active")
         if not active:
             return CancelResult(False, None, "no_active_turn")
         # Stop what runs (or will run next): the session's head turn.
@@ -185,12 +196,15 @@ class TurnControl:
             if info.terminal:
                 return True
             after = info.last_seq
-        while (left := deadline - loop.time()) > 0:
-            batch = await self.events.read({turn_id: after}, block=left)
-            for frame in batch.get(turn_id, []):
-                if frame.terminal:
+        # Through the hub: a burst of cancels shares its one blocking read.
+        async with self.hub.subscribe(turn_id, after) as sub:
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    frame = await sub.next(left)
+                except (StreamClosed, TurnrelayError):
+                    return False
+                if frame is not None and frame.terminal:
                     return True
-                after = frame.seq
         return False
 
     async def delete(self, session_id: str, user_id: str) -> None:

@@ -4,12 +4,24 @@ Every SSE client subscribes here with its turn and cursor. A single task reads
 all subscribed turns in one blocking ``read`` (Redis: one ``XREAD BLOCK`` over
 all streams) from the lowest cursor per turn and fans frames out in process, so
 an API process holds one blocking Redis connection however many clients it
-serves. A subscriber with an older cursor lowers its turn's read position; the
-others skip what they already have, so nobody sees a gap or a repeat.
+serves.
 
-When the subscription set changes, the blocked read is cancelled and reissued
-with the new streams, so a new client's first frame is not held up by the
-block timeout.
+Each subscriber is handed frames **contiguously**: only the frame right after
+its cursor. A frame further on is either held back (the read started at
+another subscriber's cursor, so the next read, from the lowest cursor, brings
+what is missing) or, when the read started at this subscriber's own cursor,
+proof of a hole in the log: a restarted log (its first frame is a
+``data-stream-reset``, handed over, the client rebuilds from it) or frames
+trimmed away (the subscriber ends with ``Gone``; reconnecting with its cursor
+answers 410). Nobody sees a gap or a repeat.
+
+A new subscriber whose frames the blocked read does not cover wakes it through
+the log's wake channel instead of cancelling it (cancelling makes redis-py drop
+the connection, and a stream of new clients would starve every reader).
+
+Each subscriber's buffer is bounded: a client that stops reading is dropped
+(``SlowReader``) and resumes with its cursor; the log still has every frame.
+Streams per user are capped per process (``UserStreams``).
 """
 
 from __future__ import annotations
@@ -17,46 +29,124 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 
-from turnrelay.errors import BackendUnavailable, TurnrelayError
+from turnrelay.errors import BackendUnavailable, Gone, RateLimited, TurnrelayError
 from turnrelay.events.base import EventLog, Frame
+from turnrelay.events.chunks import is_reset
 
 log = logging.getLogger(__name__)
 
 _BLOCK = 5.0  # seconds a read blocks before it is reissued
+# Frames a subscriber may have waiting; beyond it the client is too slow and
+# is dropped (it resumes from its cursor, so nothing is lost).
+SUBSCRIBER_BUFFER = 2048
 
 
 class StreamClosed(Exception):
     """This API process is shutting down: the client should resume elsewhere."""
 
 
+class SlowReader(StreamClosed):
+    """The client fell a whole buffer behind: it resumes with its cursor."""
+
+
 class Subscription:
-    __slots__ = ("cursor", "frames", "turn_id")
+    __slots__ = ("_buffer", "_ready", "cursor", "ended", "turn_id")
 
     def __init__(self, turn_id: str, cursor: int) -> None:
         self.turn_id = turn_id
         self.cursor = cursor  # the last seq handed to this subscriber
-        self.frames: asyncio.Queue[Frame | BaseException] = asyncio.Queue()
+        self._buffer: deque[Frame | BaseException] = deque()
+        self._ready = asyncio.Event()
+        self.ended = False  # failed: takes no more frames, holds no read back
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def push(self, frame: Frame) -> bool:
+        """Hand over the frame after the cursor; False when the buffer was full."""
+        if self.ended:
+            return False
+        if len(self._buffer) >= SUBSCRIBER_BUFFER:
+            self.fail(SlowReader(f"turn {self.turn_id}: reader fell behind at {self.cursor}"))
+            return False
+        self._buffer.append(frame)
+        self.cursor = frame.seq
+        self._ready.set()
+        return True
+
+    def fail(self, exc: BaseException) -> None:
+        """End this subscription with ``exc`` once the frames before it are read."""
+        if self.ended:
+            return
+        self.ended = True
+        self._buffer.append(exc)
+        self._ready.set()
 
     async def next(self, timeout: float) -> Frame | None:
         """The next frame, or ``None`` when ``timeout`` passes first (time to ping)."""
-        try:
-            item = await asyncio.wait_for(self.frames.get(), timeout)
-        except TimeoutError:
-            return None
+        if not self._buffer:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except TimeoutError:
+                return None
+        item = self._buffer.popleft()
         if isinstance(item, BaseException):
             raise item
         return item
+
+
+class UserStreams:
+    """How many streams each user has open in this process, capped."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def open(self, user_id: str) -> Callable[[], None]:
+        """Count one more stream for ``user_id``; the returned call (idempotent)
+        releases it. Raises ``RateLimited`` at the cap."""
+        count = self._open.get(user_id, 0)
+        if count >= self.limit:
+            raise RateLimited(
+                f"too many open streams: {count} of {self.limit}; close one and retry",
+                code="too_many_streams",
+            )
+        self._open[user_id] = count + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self._open.get(user_id, 1) - 1
+            if left > 0:
+                self._open[user_id] = left
+            else:
+                self._open.pop(user_id, None)
+
+        return release
+
+    def count(self, user_id: str) -> int:
+        return self._open.get(user_id, 0)
 
 
 class StreamHub:
     def __init__(self, events: EventLog) -> None:
         self._events = events
         self._subs: dict[str, set[Subscription]] = {}
-        self._changed = asyncio.Event()
+        self._changed = asyncio.Event()  # a subscriber arrived while none was read
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._channel = uuid.uuid4().hex  # this process's wake channel
+        self._reading: dict[str, int] | None = None  # the blocked read's cursors
+        self._wake_sent = False  # a wake is on its way to the blocked read
 
     @property
     def closed(self) -> bool:
@@ -68,7 +158,7 @@ class StreamHub:
         self._closed = True
         for subs in self._subs.values():
             for sub in subs:
-                sub.frames.put_nowait(StreamClosed())
+                sub.fail(StreamClosed())
 
     async def start(self) -> None:
         if self._task is None:
@@ -93,8 +183,8 @@ class StreamHub:
         await self.start()
         sub = Subscription(turn_id, after)
         self._subs.setdefault(turn_id, set()).add(sub)
-        self._changed.set()
         try:
+            await self._cover(turn_id, after)
             yield sub
         finally:
             group = self._subs.get(turn_id)
@@ -103,38 +193,70 @@ class StreamHub:
                 if not group:
                     del self._subs[turn_id]
 
+    async def _cover(self, turn_id: str, after: int) -> None:
+        """Make sure a read from ``after`` comes soon: the blocked one covers it,
+        or it is woken (once, however many subscribers arrive meanwhile)."""
+        reading = self._reading
+        if reading is None:
+            self._changed.set()  # the pump is between reads or idle
+            return
+        if turn_id in reading and reading[turn_id] <= after:
+            return
+        if self._wake_sent:
+            return
+        self._wake_sent = True
+        try:
+            await self._events.wake(self._channel)
+        except TurnrelayError as exc:
+            # The blocked read fails the same way, or times out within _BLOCK.
+            self._wake_sent = False
+            log.warning("stream hub wake failed: %s", exc.detail)
+
     async def _pump(self) -> None:
         while True:
             if not self._subs:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            cursors = {t: min(s.cursor for s in subs) for t, subs in self._subs.items()}
-            self._changed.clear()
-            read = asyncio.ensure_future(self._events.read(cursors, block=_BLOCK))
-            changed = asyncio.ensure_future(self._changed.wait())
-            try:
-                await asyncio.wait([read, changed], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                changed.cancel()
-            if not read.done():
-                read.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await read
+            cursors = {
+                t: min(live)
+                for t, subs in self._subs.items()
+                if (live := [s.cursor for s in subs if not s.ended])
+            }
+            if not cursors:  # only ended subscribers, waiting for their clients to go
+                self._changed.clear()
+                await self._changed.wait()
                 continue
+            self._changed.clear()
+            self._reading = cursors
             try:
-                batches = read.result()
+                batches = await self._events.read(cursors, block=_BLOCK, wake=self._channel)
             except TurnrelayError as exc:
                 log.warning("stream hub read failed: %s", exc.detail)
                 for subs in self._subs.values():
                     for sub in subs:
-                        sub.frames.put_nowait(exc)
+                        sub.fail(exc)
                 self._subs.clear()
                 await asyncio.sleep(0.5)
                 continue
+            finally:
+                self._reading = None
+                self._wake_sent = False
             for turn_id, frames in batches.items():
-                for sub in self._subs.get(turn_id, ()):
-                    for frame in frames:
-                        if frame.seq > sub.cursor:
-                            sub.frames.put_nowait(frame)
-                            sub.cursor = frame.seq
+                for sub in list(self._subs.get(turn_id, ())):
+                    _hand_over(sub, frames, read_from=cursors[turn_id])
+
+
+def _hand_over(sub: Subscription, frames: list[Frame], *, read_from: int) -> None:
+    """Give ``sub`` the frames right after its cursor (see the module docstring)."""
+    for frame in frames:
+        if frame.seq <= sub.cursor:
+            continue
+        if frame.seq != sub.cursor + 1:
+            if sub.cursor != read_from or frame is not frames[0]:
+                return  # read from a lower cursor: the next read brings the rest
+            if sub.cursor > 0 and not is_reset(frame.data):
+                sub.fail(Gone(f"turn {sub.turn_id}: frames after {sub.cursor} are no longer kept"))
+                return
+        if not sub.push(frame):
+            return

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -12,9 +13,9 @@ from turnrelay.api.auth import Authenticator
 from turnrelay.api.body import read_body
 from turnrelay.api.control import TurnControl
 from turnrelay.api.cursor import pick_cursor
-from turnrelay.api.hub import StreamHub
-from turnrelay.api.schemas import check_session_id, parse_submit
-from turnrelay.api.sse import sse_response, turn_frames
+from turnrelay.api.hub import StreamHub, UserStreams
+from turnrelay.api.schemas import CANCEL_BODY_LIMIT, check_session_id, parse_cancel, parse_submit
+from turnrelay.api.sse import done_only, sse_response, turn_frames
 from turnrelay.errors import (
     BackendUnavailable,
     BadRequest,
@@ -25,6 +26,7 @@ from turnrelay.errors import (
     TurnrelayError,
 )
 from turnrelay.events.base import EventLog
+from turnrelay.events.chunks import is_reset
 from turnrelay.metrics import Metrics
 from turnrelay.settings import Settings
 from turnrelay.store.base import ChatStore, MessageRecord, SessionRecord, TurnRecord
@@ -90,6 +92,7 @@ class ChatRoutes:
         self.auth = auth
         self.metrics = metrics
         self.readiness = readiness
+        self.streams = UserStreams(settings.max_streams_per_user)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -108,29 +111,47 @@ class ChatRoutes:
             raise TurnNotFound(f"turn {turn_id!r} not found")
         return turn
 
-    async def _check_replayable(self, turn: TurnRecord, after: int) -> None:
+    async def _replay_from(self, turn: TurnRecord, after: int) -> bool:
+        """Check that the stream can be replayed from ``after``; False when there
+        is nothing after it (the cursor is the finished log's last frame)."""
         try:
             info = await self.events.info(turn.id)
         except NotFound:
-            if turn.status.active and after == 0:
-                return  # not started yet: the reader waits for its first frame
+            if turn.status.active:
+                # Not started yet, or the log was lost (Redis restarted empty) and
+                # its executor restores it, beginning with a reset the reader
+                # rebuilds from: the reader waits for it, whatever its cursor.
+                return True
             raise Gone(f"the stream of turn {turn.id} has expired") from None
         if after == 0:
-            return  # from the first frame there is (a restarted log begins with a reset)
-        if after > info.last_seq or after < info.first_seq - 1:
+            return True  # from the first frame there is (a restarted log begins with a reset)
+        if after > info.last_seq:
             raise Gone(f"cursor {turn.id}:{after} is no longer in the stream")
+        if after < info.first_seq - 1 and not await self._begins_with_reset(turn.id):
+            # Trimmed away. A log that was restarted (Redis lost it) begins with
+            # a reset and a snapshot instead, which any older cursor rebuilds from.
+            raise Gone(f"cursor {turn.id}:{after} is no longer in the stream")
+        return not (info.terminal and after == info.last_seq)
 
-    def _stream(self, turn_id: str, after: int) -> Response:
+    async def _begins_with_reset(self, turn_id: str) -> bool:
+        first = (await self.events.read({turn_id: 0}, count=1)).get(turn_id) or []
+        return bool(first) and is_reset(first[0].data)
+
+    async def _stream(self, user: str, turn: TurnRecord, after: int) -> Response:
         if self.hub.closed:
             raise BackendUnavailable("this API process is shutting down; retry")
+        if not await self._replay_from(turn, after):
+            return sse_response(done_only(), {"x-turn-id": turn.id})
+        release = self.streams.open(user)
         body = turn_frames(
             self.hub,
-            turn_id,
+            turn.id,
             after,
             heartbeat=self.settings.heartbeat_interval,
             metrics=self.metrics,
+            release=release,
         )
-        return sse_response(body, {"x-turn-id": turn_id})
+        return sse_response(body, {"x-turn-id": turn.id}, background=BackgroundTask(release))
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -215,8 +236,7 @@ class ChatRoutes:
 
     async def post_stream(self, request: Request) -> Response:
         turn = await self._submit(request)
-        await self._check_replayable(turn, 0)
-        return self._stream(turn.id, 0)
+        return await self._stream(turn.user_id, turn, 0)
 
     async def post_turn(self, request: Request) -> Response:
         turn = await self._submit(request)
@@ -228,7 +248,7 @@ class ChatRoutes:
         return JSONResponse(_turn_json(turn))
 
     async def get_stream(self, request: Request) -> Response:
-        _, s = await self._session(request)
+        user, s = await self._session(request)
         cursor = pick_cursor(
             request.headers.get("last-event-id"), request.query_params.get("after")
         )
@@ -239,22 +259,22 @@ class ChatRoutes:
                     "?turn_id= and the cursor name different turns", code="invalid_cursor"
                 )
             turn = await self._turn_of(s, cursor.turn_id)
-            await self._check_replayable(turn, cursor.seq)
-            return self._stream(turn.id, cursor.seq)
+            return await self._stream(user, turn, cursor.seq)
         if turn_param:
             turn = await self._turn_of(s, turn_param)
-            await self._check_replayable(turn, 0)
-            return self._stream(turn.id, 0)
+            return await self._stream(user, turn, 0)
         active = await self.store.active_turns(s.id)
         if not active:
             return Response(status_code=204)
         head = next((t for t in active if t.status.value == "running"), active[0])
-        await self._check_replayable(head, 0)
-        return self._stream(head.id, 0)
+        return await self._stream(user, head, 0)
 
     async def cancel(self, request: Request) -> Response:
         user, s = await self._session(request)
-        result = await self.control.cancel(s.id, user)
+        turn_id = parse_cancel(await read_body(request, limit=CANCEL_BODY_LIMIT))
+        if turn_id is not None:
+            await self._turn_of(s, turn_id)  # 404 for a turn of another session
+        result = await self.control.cancel(s.id, user, turn_id)
         body: dict[str, Any] = {"cancelled": result.cancelled, "turn_id": result.turn_id}
         if result.reason:
             body["reason"] = result.reason

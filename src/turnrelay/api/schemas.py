@@ -110,3 +110,23 @@ def _from_transport(body: dict[str, Any]) -> tuple[str, str | None]:
 
 def check_session_id(session_id: str) -> bool:
     return bool(SESSION_ID.match(session_id))
+
+
+# A cancel body is at most ``{"turn_id": "<uuid>"}``.
+CANCEL_BODY_LIMIT = 1024
+
+
+def parse_cancel(raw: bytes) -> str | None:
+    """The ``turn_id`` of an optional ``{"turn_id": …}`` cancel body; ``None``
+    for no body: cancel the session's head turn."""
+    if not raw.strip():
+        return None
+    body = parse_json(raw)
+    if not isinstance(body, dict) or set(body) - {"turn_id"}:
+        raise BadRequest("the cancel body is `{turn_id?}`", code="invalid_body")
+    turn_id = body.get("turn_id")
+    if turn_id is None:
+        return None
+    if not isinstance(turn_id, str) or not check_session_id(turn_id):
+        raise BadRequest("`turn_id` must be a turn id", code="invalid_body")
+    return turn_id

@@ -8,8 +8,9 @@ disconnects: the turn itself runs elsewhere and is not affected.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
 from turnrelay.api.hub import StreamClosed, StreamHub
@@ -32,11 +33,22 @@ def encode_frame(turn_id: str, frame: Frame) -> bytes:
 
 
 def sse_response(
-    body: AsyncIterator[bytes], extra_headers: dict[str, str] | None = None
+    body: AsyncIterator[bytes],
+    extra_headers: dict[str, str] | None = None,
+    *,
+    background: BackgroundTask | None = None,
 ) -> StreamingResponse:
     return StreamingResponse(
-        body, media_type="text/event-stream", headers={**HEADERS, **(extra_headers or {})}
+        body,
+        media_type="text/event-stream",
+        headers={**HEADERS, **(extra_headers or {})},
+        background=background,
     )
+
+
+async def done_only() -> AsyncIterator[bytes]:
+    """The stream of a cursor that already saw the terminal frame: it just ends."""
+    yield DONE
 
 
 async def turn_frames(
@@ -47,8 +59,10 @@ async def turn_frames(
     heartbeat: float,
     metrics: Metrics,
     preamble: bytes = b"",
+    release: Callable[[], None] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The SSE bytes of one turn from ``after``: frames, pings while idle, [DONE]."""
+    """The SSE bytes of one turn from ``after``: frames, pings while idle, [DONE].
+    ``release`` runs when the stream ends, however it ends."""
     metrics.open_streams.inc()
     try:
         if preamble:
@@ -59,7 +73,8 @@ async def turn_frames(
                     frame = await sub.next(heartbeat)
                 except (StreamClosed, TurnrelayError):
                     # No [DONE]: the client resumes with its cursor (here once the
-                    # event log is back, or on another replica).
+                    # event log is back, after a slow reader was dropped, or on
+                    # another replica); a cursor whose frames are gone then gets 410.
                     return
                 if frame is None:
                     yield PING
@@ -70,3 +85,5 @@ async def turn_frames(
         yield DONE
     finally:
         metrics.open_streams.dec()
+        if release is not None:
+            release()

@@ -93,12 +93,24 @@ class EventLog(Protocol):
         ...
 
     async def read(
-        self, cursors: Mapping[str, int], *, block: float | None = None, count: int = 500
+        self,
+        cursors: Mapping[str, int],
+        *,
+        block: float | None = None,
+        count: int = 500,
+        wake: str | None = None,
     ) -> dict[str, list[Frame]]:
         """Frames with ``seq > cursors[turn_id]`` for each turn, at most ``count``
         each. With ``block`` (seconds), waits up to that long for at least one
         frame when none is ready; returns ``{}`` on timeout. Turns without a log
-        are absent from the result."""
+        are absent from the result. A blocked read with a ``wake`` channel also
+        returns (possibly ``{}``) once ``wake(channel)`` is called, or at once if
+        it was called since that channel's last read: a reader can be told to
+        re-read with new cursors without cancelling its read."""
+        ...
+
+    async def wake(self, channel: str) -> None:
+        """End the blocked read on ``channel`` (latched until the next read)."""
         ...
 
     async def touch(self, turn_id: str, ttl: float) -> bool:

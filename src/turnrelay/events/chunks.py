@@ -18,6 +18,15 @@ def encode(chunk: Chunk) -> str:
     return json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)
 
 
+_RESET_PREFIX = encode({"type": "data-stream-reset"})[:-1] + ","
+
+
+def is_reset(encoded: str) -> bool:
+    """The encoded chunk is a ``data-stream-reset`` (the first frame of a
+    restarted log); ``encode`` writes ``type`` first, so a prefix test does."""
+    return encoded.startswith(_RESET_PREFIX)
+
+
 def start(message_id: str) -> Chunk:
     return {"type": "start", "messageId": message_id}
 

@@ -48,8 +48,9 @@ class MemoryEventLog:
         self._logs: dict[str, _Log] = {}
         self._epochs: dict[str, _Epoch] = {}
         self._next_purge = self._clock.now() + PURGE_EVERY
-        # Notified on every append; readers re-check their own turns.
+        # Notified on every append and wake; readers re-check their own turns.
         self._appended = asyncio.Condition()
+        self._woken: set[str] = set()  # wake channels latched until a read takes them
 
     async def startup(self) -> None:
         pass
@@ -169,18 +170,36 @@ class MemoryEventLog:
         return result
 
     async def read(
-        self, cursors: Mapping[str, int], *, block: float | None = None, count: int = 500
+        self,
+        cursors: Mapping[str, int],
+        *,
+        block: float | None = None,
+        count: int = 500,
+        wake: str | None = None,
     ) -> dict[str, list[Frame]]:
         ready = self._ready(cursors, count)
-        if ready or not block or block <= 0:
+        if ready or not block or block <= 0 or self._take(wake):
             return ready
         try:
             async with asyncio.timeout(block), self._appended:
                 while not (ready := self._ready(cursors, count)):
+                    if self._take(wake):
+                        break
                     await self._appended.wait()
         except TimeoutError:
             return {}
         return ready
+
+    def _take(self, wake: str | None) -> bool:
+        if wake is None or wake not in self._woken:
+            return False
+        self._woken.discard(wake)
+        return True
+
+    async def wake(self, channel: str) -> None:
+        self._woken.add(channel)
+        async with self._appended:
+            self._appended.notify_all()
 
     async def touch(self, turn_id: str, ttl: float) -> bool:
         log = self._live(turn_id)

@@ -18,10 +18,14 @@ the stream's top id, and when anything is refused nothing of the batch is
 written. Every append and touch sets both keys' expiry, so no key of a turn is
 ever left without one.
 
-Blocking reads run on their own connection pool, so an ``XREAD BLOCK`` never
-holds a connection that appends and lease refreshes are waiting for. Cancelling
-a blocked read makes redis-py drop that connection rather than return it to
-the pool with a reply still in flight.
+Blocking reads run on their own bounded connection pool, so an ``XREAD BLOCK``
+never holds a connection that appends and lease refreshes are waiting for, and a
+burst of readers waits for a connection rather than opening one each.
+Cancelling a blocked read makes redis-py drop that connection, so readers are
+not cancelled to be told something: a read with a wake channel also reads the
+stream ``{prefix}:wake:<channel>`` from the last entry it saw, and ``wake``
+adds an entry there, which ends the blocked read at once (or the next one, if
+none is blocked yet).
 
 Neither pool retries on its own: redis-py's default retry would resend
 commands behind the caller's back. Idempotent commands are retried once here on
@@ -60,6 +64,12 @@ CONNECT_TIMEOUT = 5.0
 # A blocking XREAD is given this much longer than its BLOCK before it counts
 # as a hung connection.
 BLOCK_GRACE = 5.0
+# Blocking reads share a bounded pool: a burst of readers waits for a
+# connection (up to BLOCK_GRACE) instead of opening one each.
+BLOCKING_POOL = 8
+# A wake channel's stream keeps a few entries and outlives an idle hour.
+WAKE_MAXLEN = 16
+WAKE_TTL_MS = 3_600_000
 
 # KEYS: stream, epoch hash. ARGV: maxlen, restart flag, epoch, ttl ms, then
 # (seq, data, terminal flag) per frame.
@@ -174,15 +184,23 @@ async def retry_once(call: Callable[[], Awaitable[T]]) -> T:
         return await call()
 
 
-def connect(url: str, *, socket_timeout: float | None) -> aioredis.Redis:
-    """A client that never retries behind the caller's back (see module docstring)."""
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        retry=Retry(NoBackoff(), 0),
-    )
+def connect(
+    url: str, *, socket_timeout: float | None, max_connections: int | None = None
+) -> aioredis.Redis:
+    """A client that never retries behind the caller's back (see module docstring).
+    With ``max_connections``, callers beyond it wait for a free connection."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if max_connections is not None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=BLOCK_GRACE, **options
+        )
+        return aioredis.Redis.from_pool(pool)  # owns the pool: closing it closes the pool
+    client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
     return client
 
 
@@ -219,6 +237,7 @@ class RedisEventLog:
         self._append_script: Any = None
         self._claim_script: Any = None
         self._touch_script: Any = None
+        self._wake_seen: dict[str, str] = {}  # wake channel -> last entry id read
 
     def key(self, turn_id: str) -> str:
         return f"{self._prefix}:turn:{{{turn_id}}}:log"
@@ -226,11 +245,14 @@ class RedisEventLog:
     def epoch_key(self, turn_id: str) -> str:
         return f"{self._prefix}:turn:{{{turn_id}}}:epoch"
 
+    def wake_key(self, channel: str) -> str:
+        return f"{self._prefix}:wake:{channel}"
+
     async def startup(self) -> None:
         # No I/O: a process starts while Redis is down and reports it on /ready.
         if self._client is None:
             self._client = connect(self._url, socket_timeout=SOCKET_TIMEOUT)
-            self._blocking = connect(self._url, socket_timeout=None)
+            self._blocking = connect(self._url, socket_timeout=None, max_connections=BLOCKING_POOL)
             self._append_script = self._client.register_script(_APPEND)
             self._claim_script = self._client.register_script(_CLAIM)
             self._touch_script = self._client.register_script(_TOUCH)
@@ -305,24 +327,36 @@ class RedisEventLog:
         )
 
     async def read(
-        self, cursors: Mapping[str, int], *, block: float | None = None, count: int = 500
+        self,
+        cursors: Mapping[str, int],
+        *,
+        block: float | None = None,
+        count: int = 500,
+        wake: str | None = None,
     ) -> dict[str, list[Frame]]:
-        if not cursors:
-            # XREAD needs a stream; with none, nothing can arrive before the timeout.
-            if block and block > 0:
-                await asyncio.sleep(block)
-            return {}
         turn_of = {self.key(turn_id): turn_id for turn_id in cursors}
         streams: dict[Any, Any] = {
             self.key(turn_id): f"0-{after}" for turn_id, after in cursors.items()
         }
+        blocking_read = bool(block and block > 0)
+        wake_key = self.wake_key(wake) if wake is not None and blocking_read else None
+        if wake_key is not None:
+            assert wake is not None
+            streams[wake_key] = self._wake_seen.get(wake, "0-0")
+        if not streams:
+            # XREAD needs a stream; with none, nothing can arrive before the timeout.
+            if blocking_read:
+                assert block is not None
+                await asyncio.sleep(block)
+            return {}
         raw: Any
         with redis_errors(self._safe_url):
-            if block and block > 0:
+            if blocking_read:
+                assert block is not None
                 blocking = self._blocking
                 if blocking is None:
                     raise RuntimeError("RedisEventLog used before startup()")
-                async with asyncio.timeout(block + BLOCK_GRACE):
+                async with asyncio.timeout(block + 2 * BLOCK_GRACE):
                     raw = await retry_once(
                         lambda: blocking.xread(streams, count=count, block=_ms(block))
                     )
@@ -331,9 +365,26 @@ class RedisEventLog:
                 raw = await retry_once(lambda: client.xread(streams, count=count))
         result: dict[str, list[Frame]] = {}
         for key, entries in raw or []:
-            if entries:
+            if key == wake_key:
+                assert wake is not None
+                if entries:
+                    self._wake_seen[wake] = entries[-1][0]
+            elif entries:
                 result[turn_of[key]] = [_frame(entry_id, fields) for entry_id, fields in entries]
         return result
+
+    async def wake(self, channel: str) -> None:
+        client = self._redis
+        key = self.wake_key(channel)
+
+        async def send() -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xadd(key, {"w": "1"}, maxlen=WAKE_MAXLEN, approximate=True)
+                pipe.pexpire(key, WAKE_TTL_MS)
+                await pipe.execute()
+
+        with redis_errors(self._safe_url):
+            await retry_once(send)
 
     async def touch(self, turn_id: str, ttl: float) -> bool:
         _, _, touch = self._scripts()
