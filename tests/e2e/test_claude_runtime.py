@@ -200,7 +200,9 @@ def test_a_second_turn_carries_the_first(client: httpx.Client, llm: FakeLLMProc)
 
 def test_heartbeats_while_the_cli_is_silent(client: httpx.Client) -> None:
     sse = _turn(client, new_session(client), "slow fake:tokens=2 fake:delay_ms=1500")
-    assert sse.text() == "t0 t1" and sse.pings >= 1
+    # Under load the turn may be retried (its frames then follow `data-turn-retry`):
+    # what counts is the answer the client builds, shown once.
+    assert sse.rebuilt_text() == "t0 t1" and sse.pings >= 1
 
 
 def test_cancel_mid_turn_leaves_no_cli_process(

@@ -3,7 +3,9 @@
 Embedded mode keeps the queue and the event log in memory, so a restart loses
 the broker message and the frames; the turn's row still says `running`. On
 start the executor's sweeper re-publishes such orphans, and the next attempt
-runs with a fresh log (old cursors answer 410).
+runs with a fresh log that opens with `data-stream-reset`: a reader resuming
+with a cursor of the lost log is answered with that log from its reset and
+rebuilds the message in-band.
 """
 
 from __future__ import annotations
@@ -52,10 +54,16 @@ def test_killed_serve_retries_the_turn_after_restart(tmp_path: Path, llm: FakeLL
     second = serve(tmp_path, llm, port)
     try:
         with httpx.Client(base_url=second.url, timeout=30) as client:
-            r = client.get(
-                f"/api/chat/sessions/{sid}/stream", headers={"Last-Event-ID": head.ids[-1]}
-            )
-            assert r.status_code == 410  # the retry jumped the sequence past it
+            with client.stream(
+                "GET", f"/api/chat/sessions/{sid}/stream", headers={"Last-Event-ID": head.ids[-1]}
+            ) as r:
+                assert r.status_code == 200
+                resumed = read_sse(r)
+            kinds = [c["type"] for c in resumed.chunks]
+            assert resumed.done and kinds[0] == "data-stream-reset"
+            # The retry jumped the sequence: nothing of the lost log is replayed as if it were new.
+            assert all(int(i.rsplit(":", 1)[1]) > 1_000_000 for i in resumed.ids)
+            assert resumed.text() == " ".join(f"t{i}" for i in range(30))
             deadline = time.monotonic() + 30
             while client.get(f"/api/chat/sessions/{sid}").json()["active_turn"] is not None:
                 assert time.monotonic() < deadline

@@ -301,6 +301,9 @@ class _Translator:
         self.result: ResultMessage | None = None
         self.failure = ""  # the text of a synthetic error message
         self._streamed: set[str] = set()  # ids of model messages seen as deltas
+        # Text streamed since the last message_start that no assistant message has
+        # closed yet (None when no stream is open).
+        self._open_text: str | None = None
         self._blocks: dict[int, str] = {}  # content block index -> tool call id
         self._calls: dict[str, str] = {}  # tool call id -> name as the CLI knows it
 
@@ -322,6 +325,7 @@ class _Translator:
         kind = event.get("type")
         if kind == "message_start":
             self._streamed.add(str((event.get("message") or {}).get("id")))
+            self._open_text = ""
             self._blocks.clear()
             return [StepStart()]
         if kind == "content_block_start":
@@ -336,6 +340,8 @@ class _Translator:
             delta = event.get("delta") or {}
             match delta.get("type"):
                 case "text_delta" if delta.get("text"):
+                    if self._open_text is not None:
+                        self._open_text += str(delta["text"])
                     return [TextDelta(str(delta["text"]))]
                 case "thinking_delta" if delta.get("thinking"):
                     return [ReasoningDelta(str(delta["thinking"]))]
@@ -352,6 +358,17 @@ class _Translator:
             return []
         streamed = message.message_id is not None and message.message_id in self._streamed
         events: list[RuntimeEvent] = []
+        if not streamed and self._open_text is not None:
+            # A streamed step closed by a message of another id: the CLI gave up on the
+            # stream (a stall) and fetched the step again without streaming. What was
+            # streamed is already shown; only text beyond it is new.
+            streamed = True
+            if message.message_id is not None:
+                self._streamed.add(message.message_id)
+            whole = "".join(b.text for b in message.content if isinstance(b, TextBlock))
+            if whole.startswith(self._open_text) and len(whole) > len(self._open_text):
+                events.append(TextDelta(whole[len(self._open_text) :]))
+        self._open_text = None
         for block in message.content:
             if isinstance(block, ToolUseBlock):
                 self._calls[block.id] = block.name
