@@ -54,7 +54,13 @@ from turnrelay.metrics import Metrics
 from turnrelay.queue.base import Delivery, TurnMessage, TurnQueue
 from turnrelay.runtime.base import AgentRuntime, TurnContext
 from turnrelay.settings import ModelRef, Settings
-from turnrelay.store.base import ChatStore, MessageRecord, TurnOutcome, TurnRecord, TurnStatus
+from turnrelay.store.base import (
+    ExecutorStore,
+    MessageRecord,
+    TurnOutcome,
+    TurnRecord,
+    TurnStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +84,7 @@ class TurnRunner:
         self,
         *,
         settings: Settings,
-        store: ChatStore,
+        store: ExecutorStore,
         events: EventLog,
         lease: Lease,
         queue: TurnQueue,

@@ -50,7 +50,7 @@ from turnrelay.metrics import Metrics
 from turnrelay.queue.base import Delivery, TurnMessage, TurnQueue
 from turnrelay.runtime.base import AgentRuntime
 from turnrelay.settings import Settings
-from turnrelay.store.base import ChatStore
+from turnrelay.store.base import ExecutorStore
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Executor:
         self,
         *,
         settings: Settings,
-        store: ChatStore,
+        store: ExecutorStore,
         events: EventLog,
         lease: Lease,
         queue: TurnQueue,

@@ -123,51 +123,28 @@ class TurnOutcome:
     usage: dict[str, Any] | None = None
 
 
-class ChatStore(Protocol):
+class ExecutorStore(Protocol):
+    """What an executor needs of the database: its turns' CAS steps, checkpoints,
+    the session order (dispatch) and the sweeper's queries. Direct SQL and any
+    proxy of the database are implementations of this one port; the API uses the
+    whole ``ChatStore``."""
+
     async def startup(self) -> None: ...
 
     async def shutdown(self) -> None: ...
 
     async def ping(self) -> None: ...
 
-    # sessions -------------------------------------------------------------------
-    async def create_session(self, user_id: str) -> SessionRecord: ...
-
-    async def get_session(self, session_id: str, user_id: str) -> SessionRecord:
-        """Raises ``SessionNotFound`` for an unknown session or another user's."""
-        ...
-
-    async def list_sessions(
-        self, user_id: str, *, limit: int, offset: int
-    ) -> tuple[list[SessionRecord], int]: ...
-
-    async def delete_session(self, session_id: str, user_id: str) -> None: ...
-
-    async def set_cli_session(self, session_id: str, cli_session_id: str) -> None: ...
-
-    async def messages(self, session_id: str) -> list[MessageRecord]:
-        """One user and one assistant entry per turn, ordered by turn."""
-        ...
-
+    # reads ----------------------------------------------------------------------
     async def history(self, session_id: str, before_seq: int) -> list[MessageRecord]:
         """Messages of the session's turns with ``seq < before_seq``, non-empty only."""
-        ...
-
-    # turns ----------------------------------------------------------------------
-    async def submit_turn(self, new: NewTurn) -> SubmitResult:
-        """Write the user message, the empty assistant entry and the ``queued`` turn
-        in one transaction. Raises ``SessionNotFound``, ``MessageIdConflict``,
-        ``TurnAlreadyActive`` (multitask=reject), ``RateLimited`` (caps)."""
         ...
 
     async def get_turn(self, turn_id: str) -> TurnRecord:
         """Raises ``TurnNotFound``."""
         ...
 
-    async def active_turns(self, session_id: str) -> list[TurnRecord]:
-        """The session's queued and running turns, in order."""
-        ...
-
+    # the session order -----------------------------------------------------------
     async def dispatch_next(
         self, session_id: str, *, republish_before: datetime | None = None
     ) -> TurnRecord | None:
@@ -197,6 +174,7 @@ class ChatStore(Protocol):
         ``running_only``): the sweeper's orphan checks."""
         ...
 
+    # an attempt's writes ---------------------------------------------------------
     async def start_turn(self, turn_id: str, attempt: int) -> TurnRecord | None:
         """CAS ``attempt -> attempt+1`` with status ``running``; ``None`` if lost."""
         ...
@@ -209,6 +187,40 @@ class ChatStore(Protocol):
 
     async def finish_turn(self, turn_id: str, attempt: int, outcome: TurnOutcome) -> bool:
         """The terminal CAS; ``True`` for the single winner."""
+        ...
+
+
+class ChatStore(ExecutorStore, Protocol):
+    """The whole store: what the API uses, on top of the executor's port."""
+
+    # sessions -------------------------------------------------------------------
+    async def create_session(self, user_id: str) -> SessionRecord: ...
+
+    async def get_session(self, session_id: str, user_id: str) -> SessionRecord:
+        """Raises ``SessionNotFound`` for an unknown session or another user's."""
+        ...
+
+    async def list_sessions(
+        self, user_id: str, *, limit: int, offset: int
+    ) -> tuple[list[SessionRecord], int]: ...
+
+    async def delete_session(self, session_id: str, user_id: str) -> None: ...
+
+    async def set_cli_session(self, session_id: str, cli_session_id: str) -> None: ...
+
+    async def messages(self, session_id: str) -> list[MessageRecord]:
+        """One user and one assistant entry per turn, ordered by turn."""
+        ...
+
+    # turns ----------------------------------------------------------------------
+    async def submit_turn(self, new: NewTurn) -> SubmitResult:
+        """Write the user message, the empty assistant entry and the ``queued`` turn
+        in one transaction. Raises ``SessionNotFound``, ``MessageIdConflict``,
+        ``TurnAlreadyActive`` (multitask=reject), ``RateLimited`` (caps)."""
+        ...
+
+    async def active_turns(self, session_id: str) -> list[TurnRecord]:
+        """The session's queued and running turns, in order."""
         ...
 
     async def request_cancel(self, turn_id: str) -> TurnRecord:
