@@ -143,20 +143,6 @@ class SSE:
     def text(self) -> str:
         return "".join(c["delta"] for c in self.chunks if c["type"] == "text-delta")
 
-    def rebuilt_text(self) -> str:
-        return rebuilt_text(self.chunks)
-
-
-def rebuilt_text(chunks: list[dict[str, Any]]) -> str:
-    """The answer a client builds, honouring `data-stream-reset` and retries."""
-    text = ""
-    for chunk in chunks:
-        if chunk["type"] in ("data-stream-reset", "data-turn-retry"):
-            text = ""
-        elif chunk["type"] == "text-delta":
-            text += chunk["delta"]
-    return text
-
 
 def iter_sse(response: httpx.Response) -> Iterator[tuple[str | None, str | None]]:
     """(id, data) per event; (None, None) per comment."""

@@ -149,6 +149,17 @@ def read_until(
     return seen
 
 
+def rebuilt_text(chunks: list[dict[str, Any]]) -> str:
+    """The answer a client builds, honouring `data-stream-reset` and retries."""
+    text = ""
+    for chunk in chunks:
+        if chunk["type"] in ("data-stream-reset", "data-turn-retry"):
+            text = ""
+        elif chunk["type"] == "text-delta":
+            text += chunk["delta"]
+    return text
+
+
 def replay(api: str, sid: str, turn_id: str) -> list[tuple[str, str]]:
     with httpx.stream(
         "GET",

@@ -18,6 +18,7 @@ from tests.chaos.check import (
     answer,
     model_calls,
     read_until,
+    rebuilt_text,
     replay,
     start_turn,
     verify,
@@ -26,7 +27,6 @@ from tests.chaos.check import (
 from tests.chaos.conftest import CHAOS_ENV
 from tests.conftest import POSTGRES_URL
 from tests.e2e.cluster import Cluster, running_cluster
-from tests.procs import rebuilt_text
 from tests.servers import PrivateRabbit, PrivateRedis, TcpProxy
 
 

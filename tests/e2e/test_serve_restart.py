@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.procs import FakeLLMProc, free_port, read_sse, start
+from turnrelay.api.cursor import parse_cursor
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,8 @@ def test_killed_serve_retries_the_turn_after_restart(tmp_path: Path, llm: FakeLL
             kinds = [c["type"] for c in resumed.chunks]
             assert resumed.done and kinds[0] == "data-stream-reset"
             # The retry jumped the sequence: nothing of the lost log is replayed as if it were new.
-            assert all(int(i.rsplit(":", 1)[1]) > 1_000_000 for i in resumed.ids)
+            cursors = [parse_cursor(i) for i in resumed.ids]
+            assert all(c.turn_id == turn_id and c.seq > 1_000_000 for c in cursors)
             assert resumed.text() == " ".join(f"t{i}" for i in range(30))
             deadline = time.monotonic() + 30
             while client.get(f"/api/chat/sessions/{sid}").json()["active_turn"] is not None:
