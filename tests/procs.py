@@ -195,3 +195,8 @@ def start_serve(tmp: Path, llm: FakeLLMProc, env: dict[str, str] | None = None) 
     )
     proc.url = f"http://127.0.0.1:{port}"
     return proc
+
+
+def tokens(n: int) -> str:
+    """The text the fake LLM streams for ``fake:tokens=n``: ``t0 t1 … t{n-1}``."""
+    return " ".join(f"t{i}" for i in range(n))

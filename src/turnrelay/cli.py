@@ -1,4 +1,4 @@
-"""``turnrelay`` command line: serve, api, executor, migrate, fake-llm, chat.
+"""``turnrelay`` command line: serve, api, executor, db-manager, migrate, fake-llm, chat.
 
 Settings are loaded here, once, and passed down.
 """
@@ -9,17 +9,17 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
-import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
 
+from turnrelay import logs, tracing
 from turnrelay.errors import ConfigError, SchemaOutOfDate, TurnrelayError
 from turnrelay.settings import Settings
 
@@ -44,13 +44,41 @@ def _is_loopback(host: str) -> bool:
 
 def _check_listening(settings: Settings, host: str) -> None:
     """Every process that serves the HTTP API (``serve``, ``api``): without API
-    keys every caller is the same local user, who may read and delete every
+    keys or JWTs every caller is the same local user, who may read and delete every
     chat, so only a loopback address is allowed."""
-    if not settings.user_tokens() and not _is_loopback(host):
+    if not settings.authenticated() and not _is_loopback(host):
         raise ConfigError(
-            f"refusing to listen on {host}: without TURNRELAY_API_KEYS every caller is the "
-            "same local user. Set TURNRELAY_API_KEYS=token=user_id,… or use --host 127.0.0.1."
+            f"refusing to listen on {host}: without TURNRELAY_API_KEYS or JWTs every caller "
+            "is the same local user. Set TURNRELAY_API_KEYS=token=user_id,… (or "
+            "TURNRELAY_JWT_SECRET / TURNRELAY_JWT_JWKS_URL) or use --host 127.0.0.1."
         )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, returning normally on SIGTERM/SIGINT once it has shut down.
+
+    uvicorn re-raises the signal after its graceful shutdown, which would kill
+    the process before the caller drains its executor and closes its backends;
+    this server handles both signals itself instead. ``on_exit`` runs first
+    (the API's stream hub ends its streams there)."""
+
+    on_exit: Callable[[], None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.on_exit is not None:
+            self.on_exit()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
 
 
 def _http_server(services: Services, host: str, port: int) -> uvicorn.Server:
@@ -58,36 +86,19 @@ def _http_server(services: Services, host: str, port: int) -> uvicorn.Server:
     first (without ``[DONE]``), so clients resume on another replica at once
     instead of waiting for the graceful-shutdown timeout."""
     app = services.api()
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            app.state.hub.close()
-            super().handle_exit(sig, frame)
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            # uvicorn re-raises the signal once it has shut down, which would kill
-            # the process before the caller drains its executor and closes its
-            # backends; handle SIGTERM/SIGINT here and return normally instead.
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.handle_exit, sig, None)
-            try:
-                yield
-            finally:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
-
-    return Server(
+    server = _Server(
         uvicorn.Config(
             app,
             host=host,
             port=port,
             log_level="info",
+            log_config=None,  # uvicorn's lines go through turnrelay's handler
             timeout_graceful_shutdown=5,
             access_log=False,
         )
     )
+    server.on_exit = app.state.hub.close
+    return server
 
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
@@ -128,13 +139,15 @@ async def _executor(settings: Settings) -> None:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from turnrelay.services import build_services, check_distributed
+    from turnrelay.services import build_services, check_distributed, database_access
     from turnrelay.store.migrate import check_schema
 
     check_distributed(settings, "executor")
     if not settings.model:
         raise ConfigError("no model configured: set TURNRELAY_MODEL (and TURNRELAY_MODELS)")
-    await check_schema(settings.database_url)
+    if database_access(settings, "executor") == "direct":
+        await check_schema(settings.database_url)
+    # else the RPC client checks the schema the db-manager serves, at startup.
     services = build_services(settings, "executor")
     await services.startup()
     executor = services.executor(grace=settings.grace(25 * 60.0))
@@ -153,11 +166,14 @@ async def _executor(settings: Settings) -> None:
             host="0.0.0.0",
             port=settings.executor_port,
             log_level="warning",
+            log_config=None,
         )
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, executor.stop)
+    # `kill -USR1 <pid>`: log where every task waits (a turn that hangs, say).
+    loop.add_signal_handler(signal.SIGUSR1, logs.dump_tasks)
     ops_task = asyncio.create_task(ops.serve())
     try:
         await executor.run()
@@ -166,6 +182,48 @@ async def _executor(settings: Settings) -> None:
         with contextlib.suppress(Exception):
             await ops_task
         await services.shutdown()
+
+
+# A db-manager secret shorter than this is refused: it guards the whole database.
+MIN_SECRET_CHARS = 16
+
+
+async def _db_manager(settings: Settings, host: str, port: int) -> None:
+    from turnrelay.metrics import Metrics
+    from turnrelay.services import check_distributed
+    from turnrelay.store.migrate import check_schema
+    from turnrelay.store.rpc_service import create_app
+    from turnrelay.store.sql import SqlChatStore
+
+    check_distributed(settings, "db-manager")
+    secret = settings.database_manager_secret
+    if secret is not None and len(secret) < MIN_SECRET_CHARS:
+        raise ConfigError(
+            f"TURNRELAY_DATABASE_MANAGER_SECRET must have at least {MIN_SECRET_CHARS} characters"
+        )
+    if not secret and not _is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {host} without TURNRELAY_DATABASE_MANAGER_SECRET: anyone "
+            "who reaches the port could change every turn. Set a secret (on the executors "
+            "too) or use --host 127.0.0.1."
+        )
+    await check_schema(settings.database_url)
+    store = SqlChatStore(settings.database_url, pool_size=settings.database_manager_pool_size)
+    app = create_app(store, secret=secret, metrics=Metrics("db-manager"))
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="info",
+            log_config=None,  # uvicorn's lines go through turnrelay's handler
+            access_log=False,
+            # In-flight calls end within a pool wait and a statement; then the
+            # pool is closed (the app's lifespan).
+            timeout_graceful_shutdown=15,
+        )
+    )
+    await server.serve()
 
 
 async def _migrate(settings: Settings) -> None:
@@ -184,6 +242,12 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)
     sub.add_parser("executor", help="run turns from the broker (distributed mode)")
+    p_dbm = sub.add_parser(
+        "db-manager",
+        help="serve the executors' database calls from one pool (distributed mode)",
+    )
+    p_dbm.add_argument("--host", default="127.0.0.1")
+    p_dbm.add_argument("--port", type=int, default=8005)
     sub.add_parser("migrate", help="bring the database schema up to date")
     p_fake = sub.add_parser("fake-llm", help="a local OpenAI-compatible fake model server")
     p_fake.add_argument("--host", default="127.0.0.1")
@@ -216,9 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(
             chat_client.run(args.url, args.token, args.session, args.message, model=args.model)
         )
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure("text")
     if args.command == "fake-llm":
         from turnrelay.devtools.fake_llm import serve
 
@@ -226,8 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         settings = Settings()
+        logs.configure(settings.log_format)
         if args.command in ("serve", "api"):
             _check_listening(settings, args.host)
+        if args.command in ("serve", "api", "executor"):
+            tracing.setup(settings.otel_endpoint, f"turnrelay-{args.command}")
         if args.command == "serve":
             from turnrelay.services import with_default_model
 
@@ -236,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(_api(settings, args.host, args.port))
         elif args.command == "executor":
             asyncio.run(_executor(settings))
+        elif args.command == "db-manager":
+            asyncio.run(_db_manager(settings, args.host, args.port))
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
     except SchemaOutOfDate as exc:
@@ -249,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         pass
+    finally:
+        tracing.shutdown()  # flush the spans still buffered
 
 
 if __name__ == "__main__":

@@ -15,10 +15,13 @@ codes in one table (``turnrelay.api.errors``); each class carries its default
     ├── NotFound                404
     │   ├── SessionNotFound
     │   ├── TurnNotFound
-    │   └── ObjectNotFound           object storage key absent
+    │   ├── ObjectNotFound           object storage key absent
+    │   └── ApprovalNotFound         no such tool approval request on the turn
     ├── Conflict                409
     │   ├── MessageIdConflict        same message_id, different message
     │   ├── TurnAlreadyActive        multitask=reject
+    │   ├── ApprovalAlreadyAnswered  decided otherwise already (or timed out)
+    │   ├── TurnNotWaiting           the turn waits for no approval
     │   └── PreconditionFailed       conditional write lost (object storage)
     ├── Gone                    410  cursor expired or trimmed
     ├── PayloadTooLarge         413
@@ -84,6 +87,10 @@ class ObjectNotFound(NotFound):
     code = "object_not_found"
 
 
+class ApprovalNotFound(NotFound):
+    code = "approval_not_found"
+
+
 class Conflict(TurnrelayError):
     status = 409
     code = "conflict"
@@ -99,6 +106,18 @@ class TurnAlreadyActive(Conflict):
     def __init__(self, detail: str, *, turn_id: str) -> None:
         super().__init__(detail)
         self.turn_id = turn_id
+
+
+class ApprovalAlreadyAnswered(Conflict):
+    """The approval was decided otherwise already (by the user, or by its timeout)."""
+
+    code = "approval_already_answered"
+
+
+class TurnNotWaiting(Conflict):
+    """The turn is not waiting for an approval (it ended, or none was asked)."""
+
+    code = "turn_not_waiting"
 
 
 class PreconditionFailed(Conflict):
@@ -128,6 +147,10 @@ class UnknownModel(Unprocessable):
 class RateLimited(TurnrelayError):
     status = 429
     code = "rate_limited"
+
+    def __init__(self, detail: str = "", *, code: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(detail, code=code)
+        self.retry_after = retry_after  # seconds, for the Retry-After header
 
 
 class BackendUnavailable(TurnrelayError):

@@ -33,14 +33,17 @@ def terminal_chunks(
 ) -> list[Chunk]:
     """How a turn's stream ends: ``finish``; ``error, finish``; or ``abort, finish``."""
     tail: list[Chunk] = []
+    reason = "stop"
     if status is TurnStatus.FAILED:
         tail.append(chunks.error(error or "the turn failed"))
+        reason = "error"
     elif status is TurnStatus.CANCELLED:
-        tail.append(chunks.abort())
+        tail.append(chunks.abort(error or "cancelled"))
+        reason = "other"
     metadata: dict[str, object] = {"status": status.value}
     if usage:
         metadata["usage"] = usage
-    tail.append(chunks.finish(metadata))
+    tail.append(chunks.finish(metadata, reason=reason))
     return tail
 
 

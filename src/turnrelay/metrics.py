@@ -83,6 +83,24 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.rpc_calls = Counter(
+            "turnrelay_rpc_calls",
+            "db-manager calls answered, by method and HTTP status",
+            ["method", "status"],
+            registry=self.registry,
+        )
+        self.rpc_seconds = Histogram(
+            "turnrelay_rpc_seconds",
+            "Time the db-manager took to answer one call, by method",
+            ["method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=self.registry,
+        )
+
+    def rpc_call(self, method: str, status: int, seconds: float) -> None:
+        self.rpc_calls.labels(method, str(status)).inc()
+        self.rpc_seconds.labels(method).observe(seconds)
+
     def turn_finished(self, status: str, seconds: float | None) -> None:
         self.turns_finished.labels(status).inc()
         if seconds is not None:

@@ -22,7 +22,7 @@ from turnrelay.queue.base import TurnQueue
 from turnrelay.runtime.base import AgentRuntime
 from turnrelay.settings import ModelRef, Settings
 from turnrelay.storage.base import ObjectStore
-from turnrelay.store.base import ChatStore
+from turnrelay.store.base import ChatStore, ExecutorStore
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Services:
     settings: Settings
-    store: ChatStore
+    # The API's whole ChatStore (direct SQL); an executor's may be the RPC
+    # client of the db-manager (``database_access``).
+    store: ExecutorStore
     queue: TurnQueue
     events: EventLog
     lease: Lease
@@ -84,12 +86,20 @@ class Services:
 
         return create_app(
             settings=self.settings,
-            store=self.store,
+            store=self.chat_store(),
             events=self.events,
             queue=self.queue,
             metrics=self.metrics,
+            objects=self.storage,
             readiness=self.ready,
         )
+
+    def chat_store(self) -> ChatStore:
+        from turnrelay.store.sql import SqlChatStore
+
+        if not isinstance(self.store, SqlChatStore):
+            raise ConfigError("the API needs direct database access: set TURNRELAY_DATABASE_URL")
+        return self.store
 
     async def ready(self) -> None:
         """Raises ``BackendUnavailable`` naming the first backend that does not answer."""
@@ -98,16 +108,52 @@ class Services:
         await self.queue.ping()
 
 
+def database_access(settings: Settings, role: str) -> str:
+    """How a process reaches the database: ``direct`` (its own pool, from
+    ``TURNRELAY_DATABASE_URL``) or, for an executor only, ``rpc`` (through the
+    db-manager at ``TURNRELAY_DATABASE_MANAGER_URL``). An executor given
+    neither refuses to start, saying which to set: the embedded default
+    (a SQLite file of this machine) is never what a separate executor means."""
+    if role != "executor" or "database_url" in settings.model_fields_set:
+        return "direct"
+    if settings.database_manager_url:
+        if not settings.database_manager_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                "TURNRELAY_DATABASE_MANAGER_URL must be the db-manager's http(s):// address, "
+                f"got {settings.database_manager_url!r}"
+            )
+        return "rpc"
+    raise ConfigError(
+        "no database: TURNRELAY_DATABASE_URL is unset (the embedded default is a SQLite file "
+        "of this machine); set it to postgresql+asyncpg://… (a pool of its own) or set "
+        "TURNRELAY_DATABASE_MANAGER_URL=http://…:8005 (through `turnrelay db-manager`, "
+        "one pool for every executor)"
+    )
+
+
 def check_distributed(settings: Settings, role: str) -> None:
-    """``api`` and ``executor`` are separate processes: in-process backends cannot
-    be shared between them, so refuse them with the reason."""
+    """``api``, ``executor`` and ``db-manager`` are separate processes:
+    in-process backends cannot be shared between them, so refuse them with the
+    reason."""
+    if role == "db-manager":
+        if not settings.database_url.startswith("postgresql"):
+            raise ConfigError(
+                "`turnrelay db-manager` serves a database shared by every executor: set "
+                "TURNRELAY_DATABASE_URL=postgresql+asyncpg://… (not SQLite or memory)"
+            )
+        return
     problems = []
     if settings.broker_url.startswith("memory:"):
         problems.append("TURNRELAY_BROKER_URL is memory:// (use amqp://…)")
     if settings.redis_url.startswith("memory:"):
         problems.append("TURNRELAY_REDIS_URL is memory:// (use redis://…)")
-    if settings.database_url.startswith("sqlite"):
-        problems.append("TURNRELAY_DATABASE_URL is SQLite (use postgresql+asyncpg://…)")
+    try:
+        access = database_access(settings, role)
+    except ConfigError as exc:
+        problems.append(exc.detail)
+    else:
+        if access == "direct" and settings.database_url.startswith("sqlite"):
+            problems.append("TURNRELAY_DATABASE_URL is SQLite (use postgresql+asyncpg://…)")
     if settings.storage_url.startswith("memory:"):
         problems.append("TURNRELAY_STORAGE_URL is memory:// (use s3://, gs:// or a shared file://)")
     if problems:
@@ -138,10 +184,14 @@ def with_default_model(settings: Settings) -> Settings:
     )
 
 
-def build_runtimes(settings: Settings) -> dict[str, AgentRuntime]:
+def build_runtimes(settings: Settings, storage: ObjectStore) -> dict[str, AgentRuntime]:
     providers = {ModelRef.parse(m).provider for m in settings.allowed_models()}
     runtimes: dict[str, AgentRuntime] = {}
-    tools = build_registry(settings.tools) if providers else ToolRegistry()
+    tools = (
+        build_registry(settings.tools, require_approval=settings.tools_requiring_approval)
+        if providers
+        else ToolRegistry()
+    )
     # Resolved once, at startup: tools and the CLI get an absolute path.
     sandbox = Path(settings.sandbox_dir).resolve()
     for provider in providers:
@@ -174,6 +224,7 @@ def build_runtimes(settings: Settings) -> dict[str, AgentRuntime]:
                 max_tool_steps=settings.max_tool_steps,
                 # Confines the CLI and what it runs to the session's directory.
                 bwrap=shutil.which("bwrap"),
+                objects=storage,
             )
         elif provider == "local":
             from turnrelay.runtime.local import LocalRuntime, find_gguf
@@ -199,8 +250,17 @@ def build_services(settings: Settings, role: str) -> Services:
     """Concrete backends from URLs; nothing connects before ``startup()``."""
     metrics = Metrics(role, settings.num_workers if role in ("executor", "serve") else 0)
 
-    store: ChatStore
-    if settings.database_url.startswith(("sqlite", "postgresql")):
+    store: ExecutorStore
+    if database_access(settings, role) == "rpc":
+        from turnrelay.store.rpc_client import RpcExecutorStore
+
+        assert settings.database_manager_url is not None
+        store = RpcExecutorStore(
+            settings.database_manager_url,
+            secret=settings.database_manager_secret,
+            max_connections=settings.num_workers * 2 + 10,
+        )
+    elif settings.database_url.startswith(("sqlite", "postgresql")):
         from turnrelay.store.sql import SqlChatStore
 
         store = SqlChatStore(settings.database_url)
@@ -238,5 +298,5 @@ def build_services(settings: Settings, role: str) -> Services:
     from turnrelay.storage.factory import open_object_store
 
     storage = open_object_store(settings.storage_url, environ=os.environ)
-    runtimes = build_runtimes(settings) if role in ("executor", "serve") else {}
+    runtimes = build_runtimes(settings, storage) if role in ("executor", "serve") else {}
     return Services(settings, store, queue, events, lease, metrics, storage, runtimes)

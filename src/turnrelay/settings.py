@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from turnrelay.errors import ConfigError
@@ -66,8 +66,16 @@ class Settings(BaseSettings):
     broker_url: str = "memory://"
     redis_url: str = "memory://"
     storage_url: str = "file://./.turnrelay/storage"
+    # Executors without TURNRELAY_DATABASE_URL reach the database through
+    # `turnrelay db-manager` at this address, with this shared secret.
     database_manager_url: str | None = None
     database_manager_secret: str | None = None
+    # The db-manager's one pool: every executor's calls share these connections.
+    database_manager_pool_size: int = Field(10, ge=1, le=500)
+    # Tracing: OTLP/HTTP collector (e.g. http://collector:4318); off when unset.
+    otel_endpoint: str | None = None
+    # Log lines as text or as JSON (one object per line, with the turn's ids).
+    log_format: Literal["text", "json"] = "text"
 
     # Prefix of broker exchanges/queues and Redis keys: deployments (or tests)
     # sharing one RabbitMQ and Redis stay apart by namespace.
@@ -80,6 +88,17 @@ class Settings(BaseSettings):
     num_workers: int = Field(5, ge=1, le=1000)
     executor_port: int = Field(8008, ge=0, le=65535)
     api_keys: str | None = None
+    # JWT bearer tokens (beside or instead of API keys): HS256 with a shared
+    # secret and/or RS256/ES256 from a JWKS URL; see turnrelay.api.jwt_auth.
+    # At least 32 characters: RFC 7518 asks HS256 keys to be as long as the hash.
+    jwt_secret: str | None = Field(None, min_length=32)
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_user_claim: str = Field("sub", min_length=1, max_length=128)
+    jwt_leeway: Duration = Field(30.0, ge=0, le=600)
+    # An unknown `kid` refetches the JWKS at most this often.
+    jwt_jwks_refetch: Duration = Field(30.0, ge=0)
     system_prompt: str = (
         "You are a helpful assistant. Answer concisely and use the tools you are given "
         "when they help."
@@ -93,6 +112,9 @@ class Settings(BaseSettings):
     # None: 30 s for `serve`, 25 min for `executor` (the CLI picks).
     shutdown_grace: Duration | None = None
     max_running_turns_per_user: int = Field(5, ge=1)
+    # Turns beyond the running cap wait in the user's FIFO, up to this many; 0
+    # turns the FIFO off (429 at the running cap).
+    max_waiting_turns_per_user: int = Field(20, ge=0, le=10_000)
     max_queued_turns_per_session: int = Field(10, ge=1)
     # SSE streams one user may hold open on one API process (429 beyond it).
     max_streams_per_user: int = Field(20, ge=1)
@@ -118,12 +140,30 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=10)
     max_message_bytes: int = Field(64 * 1024, ge=1)
 
+    # Webhooks on turn end (completed, failed, cancelled): a default target for
+    # turns submitted without `webhook_url`, the signing secret (Standard
+    # Webhooks; `whsec_<base64>` or any long text), whether private and
+    # loopback targets are allowed, and the retry schedule (doubling from the
+    # base, this many attempts in all).
+    webhook_url: str | None = None
+    webhook_secret: str | None = Field(None, min_length=24)
+    webhook_allow_private: bool = False
+    webhook_retry_base: Duration = Field(5.0, gt=0)
+    webhook_max_attempts: int = Field(8, ge=1, le=50)
+
     # Tools. Working directories of sessions live under the sandbox: the same
     # absolute path on every executor (the Claude CLI keys transcripts by it).
     sandbox_dir: str = "./.turnrelay/sandbox"
     # turnrelay tools offered to models (built-in and `turnrelay.tools` entry
     # points); empty: all of them.
     tools: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(default_factory=list)
+    # Tools whose every call waits for the user's approval (beside tools that
+    # declare it themselves, like the built-in `save_note`), and how long a
+    # request waits for an answer before it counts as denied.
+    tools_requiring_approval: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = Field(
+        default_factory=list
+    )
+    approval_timeout: Duration = Field(600.0, gt=0, le=7 * 24 * 3600)
     # Built-in tools of the Claude Code CLI to enable (e.g. `WebSearch,Read`);
     # empty, the safe default: none, so the model cannot run commands or touch files.
     # File tools stay inside the session's directory; `Bash` runs only under
@@ -133,6 +173,14 @@ class Settings(BaseSettings):
     )
     # Model steps that may call tools in one turn; then the model must answer.
     max_tool_steps: int = Field(8, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _check_webhooks(self) -> Settings:
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError(
+                "TURNRELAY_WEBHOOK_URL needs TURNRELAY_WEBHOOK_SECRET to sign the webhooks"
+            )
+        return self
 
     @field_validator("model")
     @classmethod
@@ -165,6 +213,13 @@ class Settings(BaseSettings):
                 raise ConfigError(f"TURNRELAY_API_KEYS entry {pair!r} is not token=user_id")
             tokens[token.strip()] = user.strip()
         return tokens
+
+    def jwt_enabled(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_jwks_url)
+
+    def authenticated(self) -> bool:
+        """Callers are told apart (API keys or JWTs), not one local user."""
+        return bool(self.user_tokens()) or self.jwt_enabled()
 
     def allowed_models(self) -> list[str]:
         """The allow-list; defaults to the default model alone."""

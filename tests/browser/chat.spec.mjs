@@ -121,6 +121,57 @@ const sessionOf = (page) => (new URL(page.url()).hash.match(/^#\/s\/(.+)$/) || [
 // -- scenarios --------------------------------------------------------------------------
 
 const scenarios = {
+  /** The API docs page, with every request off the server refused: it must work offline. */
+  async docs(context) {
+    const offServer = [];
+    await context.route("**/*", (route) => {
+      const url = route.request().url();
+      if (url.startsWith(baseUrl)) return route.continue();
+      offServer.push(url);
+      return route.abort();
+    });
+    const page = await context.newPage();
+    watch(page);
+    await page.goto(`${baseUrl}/docs`);
+    await page.locator("details.op").first().waitFor();
+    const operations = await page.locator("main > details.op[id^='op-']").evaluateAll((els) =>
+      els.map((e) => e.querySelector("summary").textContent.split(" — ")[0].trim())
+    );
+    // the submit operation lists its body and its error answers
+    const submit = page.locator("#op-submitTurn");
+    await submit.locator("summary").click();
+    const submitText = await submit.textContent();
+    // a schema link opens that schema
+    await submit.locator("a[href='#schema-TransportRequest']").first().click();
+    await page.locator("#schema-TransportRequest[open]").waitFor();
+    const schemaText = await page.locator("#schema-TransportRequest").textContent();
+    await shot(page, "docs");
+    return { operations, submitText, schemaText, offServer, title: await page.title() };
+  },
+
+  /** A message typed while a turn runs steers it: it shows where it went in. */
+  async steer(context) {
+    const page = await context.newPage();
+    watch(page);
+    await page.goto(baseUrl);
+    await page.locator("#empty").waitFor();
+    await sendMessage(page, "loop fake:tool=current_time fake:steps=3 fake:delay_ms=300");
+    await lastAssistant(page).locator(".card.tool").first().waitFor({ timeout: 15000 });
+    const busyWhenTyped = await page.locator("#stop").isVisible();
+    await sendMessage(page, "also check Paris fake:aside");
+    await lastAssistant(page).locator(".steer").waitFor({ timeout: 15000 });
+    await shot(page, "steered");
+    await waitStatus(page, "completed", 30000);
+    await shot(page, "done");
+    return {
+      busyWhenTyped,
+      steer: await lastAssistant(page).locator(".steer").allTextContents(),
+      userMessages: await page.locator(".msg.user").count(),
+      assistantMessages: await page.locator(".msg.assistant").count(),
+      sessionId: sessionOf(page),
+    };
+  },
+
   async send(context) {
     const page = await context.newPage();
     watch(page);
@@ -301,8 +352,11 @@ const scenarios = {
     const shown = {};
     for (const [k, name] of names.entries()) {
       await page.locator(`.session[data-session-id="${ids[k]}"] .session-open`).click();
-      await page.locator(".msg.assistant").first().waitFor();
+      // The title changes at once, the messages when the session's GET answers:
+      // wait for this session's own messages, not the previous one's.
       await page.locator("#chat-title", { hasText: name }).waitFor();
+      await page.locator(".msg.user", { hasText: name }).waitFor();
+      await page.locator(".msg.assistant", { hasText: `Echo: ${name}` }).waitFor();
       shown[name] = {
         user: await page.locator(".msg.user").allTextContents(),
         assistant: await liveText(page),
@@ -414,6 +468,111 @@ const scenarios = {
     await waitStatus(page, "completed");
     const realReasoning = await lastAssistant(page).locator("details.reasoning .card-body").textContent();
     return { closedByDefault, cards, md, reasoning, xss, realReasoning, realText: await liveText(page) };
+  },
+
+  /**
+   * Tool approval with the real model path: the fake LLM calls `save_note`, which
+   * asks. Approve in the card; then Deny after a reload; then Stop, in a new tab
+   * (no saved snapshot there: the card comes from the stored message).
+   */
+  async approval(context) {
+    const page = await context.newPage();
+    const requests = watch(page);
+    await page.goto(baseUrl);
+    const ask = (note) => `${note} fake:tool=save_note:${JSON.stringify({ text: note })}`;
+    const card = (p) => lastAssistant(p).locator("details.tool");
+    const asking = (p) => card(p).locator(".approval");
+    const cardState = async (p) => {
+      const c = card(p);
+      return {
+        name: await c.locator(".tool-name").textContent(),
+        state: await c.getAttribute("data-state"),
+        stateText: await c.locator(".tool-state").textContent(),
+        open: await c.evaluate((d) => d.open),
+        body: await c.locator(".card-body").innerText(),
+        asking: await asking(p).isVisible(),
+        buttons: await asking(p).locator("button").allTextContents(),
+        badge: (await lastAssistant(p).locator(".badge").allTextContents()).join(""),
+        text: await liveText(p),
+      };
+    };
+
+    // 1. Approve.
+    await sendMessage(page, ask("buy milk"));
+    await asking(page).waitFor({ state: "visible" });
+    await waitStatus(page, "awaiting_approval");
+    const waiting = {
+      ...(await cardState(page)),
+      stopVisible: await page.locator("#stop").isVisible(),
+      turnId: await lastAssistant(page).getAttribute("data-turn-id"),
+    };
+    await shot(page, "approval-card");
+    const beforeApprove = requests.length;
+    await asking(page).locator("button.approve").click();
+    await waitStatus(page, "completed");
+    const approved = {
+      ...(await cardState(page)),
+      resumed: requests.slice(beforeApprove),
+      sendVisible: await page.locator("#send").isVisible(),
+    };
+    await shot(page, "approved");
+
+    // 2. Reload while waiting, then Deny.
+    await sendMessage(page, ask("sell milk"));
+    await asking(page).waitFor({ state: "visible" });
+    await waitStatus(page, "awaiting_approval");
+    const marker = requests.length;
+    await page.reload();
+    await page.locator(".msg.assistant").nth(1).waitFor();
+    await asking(page).waitFor({ state: "visible" });
+    await waitStatus(page, "awaiting_approval");
+    const reloaded = {
+      ...(await cardState(page)),
+      turnId: await lastAssistant(page).getAttribute("data-turn-id"),
+      requests: requests.slice(marker),
+    };
+    await shot(page, "approval-card-after-reload");
+    await asking(page).locator("button.deny").click();
+    await waitStatus(page, "completed");
+    const denied = await cardState(page);
+    await shot(page, "denied");
+
+    // 3. A new tab while a third turn waits: the stored message draws the card; Stop ends it.
+    const sid = sessionOf(page);
+    await sendMessage(page, ask("keep milk"));
+    await asking(page).waitFor({ state: "visible" });
+    await page.close();
+    const tab = await context.newPage();
+    const tabRequests = watch(tab);
+    await tab.goto(`${baseUrl}/#/s/${sid}`);
+    await tab.locator(".msg.assistant").nth(2).waitFor();
+    await asking(tab).waitFor({ state: "visible" });
+    await waitStatus(tab, "awaiting_approval");
+    const newTab = {
+      ...(await cardState(tab)),
+      requests: [...tabRequests],
+      assistantMessages: await tab.locator(".msg.assistant").count(),
+    };
+    await tab.locator("#stop").click();
+    await waitStatus(tab, "cancelled");
+    const stopped = { ...(await cardState(tab)), sendVisible: await tab.locator("#send").isVisible() };
+    await shot(tab, "stopped-while-waiting");
+
+    // 4. Answered elsewhere (here, another client of the API): the page notices and reads on.
+    await sendMessage(tab, ask("milk elsewhere"));
+    await asking(tab).waitFor({ state: "visible" });
+    await waitStatus(tab, "awaiting_approval");
+    const turnId = await lastAssistant(tab).getAttribute("data-turn-id");
+    const turnUrl = `${baseUrl}/api/chat/sessions/${sid}/turns/${turnId}`;
+    const [pending] = (await (await fetch(turnUrl)).json()).approvals;
+    const answer = await fetch(`${turnUrl}/approvals`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ decisions: [{ approval_id: pending.approval_id, approved: true }] }),
+    });
+    await waitStatus(tab, "completed", 15000);
+    const elsewhere = { answerStatus: answer.status, ...(await cardState(tab)) };
+    return { sessionId: sid, waiting, approved, reloaded, denied, newTab, stopped, elsewhere };
   },
 
   async auth(context) {

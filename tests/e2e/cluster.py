@@ -1,6 +1,10 @@
 """A distributed turnrelay cluster of real processes for end-to-end tests:
 `turnrelay api` replicas and `turnrelay executor`s over RabbitMQ, Redis and
-PostgreSQL, each test run in its own database and broker/Redis namespace."""
+PostgreSQL, each test run in its own database and broker/Redis namespace.
+
+In ``db-manager`` mode a `turnrelay db-manager` runs too, and the executors
+have no ``TURNRELAY_DATABASE_URL``: every database call of theirs goes through
+it (``MODES`` lists both, for tests that run their scenarios in each)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ from tests.procs import FakeLLMProc, Proc, free_port, start, start_fake_llm
 
 AMQP_URL = TEST_AMQP_URL
 REDIS_URL = TEST_REDIS_URL
+# How executors reach the database: their own pool, or through the db-manager.
+MODES = ("direct", "db-manager")
+DB_MANAGER_SECRET = "test-db-manager-secret-0123456789"
 
 
 def _pg_admin_dsn(url: str) -> str:
@@ -58,6 +65,9 @@ class Cluster:
     apis: list[Proc] = field(default_factory=list)
     executors: list[Proc] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
+    mode: str = "direct"
+    db_manager: Proc | None = None
+    db_manager_port: int = field(default_factory=free_port)
 
     @property
     def db_name(self) -> str:
@@ -115,12 +125,39 @@ class Cluster:
         self.apis.append(proc)
         return proc
 
+    def start_db_manager(self, **env: str) -> Proc:
+        """The db-manager, on the cluster's one port (a restart takes it again)."""
+        port = self.db_manager_port
+        proc = start(
+            "db-manager",
+            ["db-manager", "--port", str(port)],
+            env={
+                **self.env(),
+                "TURNRELAY_DATABASE_MANAGER_SECRET": DB_MANAGER_SECRET,
+                "TURNRELAY_DATABASE_MANAGER_POOL_SIZE": "5",
+                **env,
+            },
+            tmp=self.tmp,
+            health_url=f"http://127.0.0.1:{port}/ready",
+        )
+        proc.url = f"http://127.0.0.1:{port}"
+        self.db_manager = proc
+        return proc
+
+    def executor_env(self) -> dict[str, str]:
+        env = self.env()
+        if self.mode == "db-manager":
+            del env["TURNRELAY_DATABASE_URL"]
+            env["TURNRELAY_DATABASE_MANAGER_URL"] = f"http://127.0.0.1:{self.db_manager_port}"
+            env["TURNRELAY_DATABASE_MANAGER_SECRET"] = DB_MANAGER_SECRET
+        return env
+
     def start_executor(self, **env: str) -> Proc:
         port = free_port()
         proc = start(
             f"executor{len(self.executors)}",
             ["executor"],
-            env={**self.env(), "TURNRELAY_EXECUTOR_PORT": str(port), **env},
+            env={**self.executor_env(), "TURNRELAY_EXECUTOR_PORT": str(port), **env},
             tmp=self.tmp,
             health_url=f"http://127.0.0.1:{port}/health",
         )
@@ -140,6 +177,8 @@ class Cluster:
     def stop(self) -> None:
         for proc in [*self.apis, *self.executors]:
             proc.stop()
+        if self.db_manager is not None:
+            self.db_manager.stop()
         asyncio.run(_drop_db(self.postgres_url, self.db_name))
 
 
@@ -153,6 +192,7 @@ def running_cluster(
     amqp_url: str | None = None,
     postgres_url: str | None = None,
     extra_env: dict[str, str] | None = None,
+    mode: str = "direct",
 ) -> Iterator[Cluster]:
     """A fake LLM, a fresh database and namespace, and the given processes;
     skips locally (fails under CI) when a server is unreachable. A test may
@@ -170,9 +210,12 @@ def running_cluster(
         amqp_url=amqp_url or AMQP_URL,
         redis_url=redis_url or REDIS_URL,
         extra_env=extra_env or {},
+        mode=mode,
     )
     try:
         cluster.create()
+        if mode == "db-manager":
+            cluster.start_db_manager()
         for _ in range(apis):
             cluster.start_api()
         for _ in range(executors):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import httpx
@@ -153,3 +154,48 @@ def test_list_limits(client: httpx.Client) -> None:
     for params in ({"limit": 0}, {"limit": 101}, {"limit": "x"}, {"offset": -1}):
         assert_error(client.get("/api/chat/sessions", params=params), 400, "invalid_param")
     assert client.get("/api/chat/sessions", params={"limit": 1}).status_code == 200
+    for raw in ("+5", " 5", "1_0", "\u0665", "5.0"):  # int() takes all but the last
+        assert_error(client.get("/api/chat/sessions", params={"limit": raw}), 400, "invalid_param")
+
+
+def test_invalid_unicode_is_a_bad_request(client: httpx.Client) -> None:
+    """A lone surrogate (valid JSON escape, not Unicode) could be neither stored
+    nor sent back as UTF-8: 400, never a 500."""
+    sid = new_session(client)
+    for raw in (b'{"message": "\\ud800"}', b'{"message": "hi", "model": "\\udfff"}'):
+        r = post_stream(client, sid, content=raw, headers={"content-type": "application/json"})
+        assert_error(r, 400, "invalid_json")
+        assert "surrogate" in r.json()["detail"]
+    body = {"messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "x"}]}]}
+    raw = json.dumps(body).replace('"x"', '"\\ud83dx"').encode()
+    r = post_stream(client, sid, content=raw, headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_json")
+    assert_nothing_persisted(client, sid)
+
+
+def test_transport_bodies_without_a_user_text(client: httpx.Client) -> None:
+    sid = new_session(client)
+    assistant = {"id": "a", "role": "assistant", "parts": [{"type": "text", "text": "hi"}]}
+    for messages in (
+        [],
+        [assistant],
+        [{"id": "u", "role": "user", "parts": [{"type": "file", "url": "x"}]}],
+        [{"id": "u", "role": "user", "parts": [{"type": "text", "text": " "}]}],
+        [{"id": "u", "role": "robot", "parts": []}],
+    ):
+        assert_error(post_stream(client, sid, json={"messages": messages}), 400, "invalid_body")
+    assert_nothing_persisted(client, sid)
+
+
+def test_a_method_a_path_lacks_is_405_with_allow(client: httpx.Client) -> None:
+    sid = new_session(client)
+    for method, path, allow in (
+        ("PUT", "/api/chat/sessions", {"GET", "POST"}),
+        ("PATCH", f"/api/chat/sessions/{sid}", {"GET", "DELETE"}),
+        ("DELETE", f"/api/chat/sessions/{sid}/stream", {"GET", "POST"}),
+        ("GET", f"/api/chat/sessions/{sid}/cancel", {"POST"}),
+        ("POST", "/health", {"GET"}),
+    ):
+        r = client.request(method, path)
+        assert_error(r, 405, "method_not_allowed")
+        assert set(r.headers["allow"].split(", ")) - {"HEAD"} == allow, (path, r.headers)

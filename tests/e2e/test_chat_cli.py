@@ -17,15 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import Proc, free_port, start
+from tests.procs import Proc, free_port, start, tokens
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "tok-alice"
-
-
-def tokens(n: int) -> str:
-    return " ".join(f"t{i}" for i in range(n))
 
 
 @dataclass

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import POSTGRES_URL
-from tests.e2e.cluster import Cluster, running_cluster
+from tests.e2e.cluster import MODES, Cluster, running_cluster
 from tests.procs import FakeLLMProc, iter_sse, read_sse
 from turnrelay.queue.base import TurnMessage
 from turnrelay.queue.rabbitmq import RabbitTurnQueue
@@ -23,12 +23,14 @@ pytestmark = pytest.mark.slow
 AUTH = {"authorization": "Bearer tok-alice"}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+@pytest.fixture(scope="module", params=MODES)
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     # One user streams fifty turns at once from one API below.
     env = {"TURNRELAY_MAX_STREAMS_PER_USER": "100"}
     with running_cluster(
-        tmp_path_factory.mktemp("cluster"), apis=2, executors=2, extra_env=env
+        tmp_path_factory.mktemp("cluster"), apis=2, executors=2, extra_env=env, mode=request.param
     ) as c:
         yield c
 

@@ -9,18 +9,20 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.e2e.cluster import Cluster, running_cluster
+from tests.e2e.cluster import MODES, Cluster, running_cluster
 from tests.procs import Proc, iter_sse, read_sse
 
 pytestmark = pytest.mark.slow
 AUTH = {"authorization": "Bearer tok-alice"}
 
 
-@pytest.fixture
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+@pytest.fixture(params=MODES)
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     env = {"TURNRELAY_LEASE_TTL": "2s", "TURNRELAY_REQUEUE_DELAY": "300ms"}
     with running_cluster(
-        tmp_path_factory.mktemp("failover"), apis=1, executors=0, extra_env=env
+        tmp_path_factory.mktemp("failover"), apis=1, executors=0, extra_env=env, mode=request.param
     ) as c:
         yield c
 

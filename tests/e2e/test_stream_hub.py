@@ -23,6 +23,7 @@ from turnrelay.events.redis import RedisEventLog
 from turnrelay.metrics import Metrics
 from turnrelay.queue.memory import MemoryTurnQueue
 from turnrelay.settings import Settings
+from turnrelay.storage.memory import MemoryObjectStore
 from turnrelay.store.migrate import migrate
 from turnrelay.store.sql import SqlChatStore
 
@@ -254,6 +255,7 @@ async def test_waiting_cancels_share_the_hubs_one_blocking_read(tmp_path: Path) 
         queue=MemoryTurnQueue(),
         metrics=Metrics("api"),
         hub=hub,
+        objects=MemoryObjectStore(),
     )
     client = aioredis.Redis.from_url(redis.url)
     try:

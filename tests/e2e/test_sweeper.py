@@ -22,6 +22,7 @@ from turnrelay.metrics import Metrics
 from turnrelay.queue.rabbitmq import RabbitTurnQueue
 from turnrelay.queue.topology import Topology
 from turnrelay.settings import Settings
+from turnrelay.storage.memory import MemoryObjectStore
 from turnrelay.store.base import Multitask, NewTurn
 from turnrelay.store.migrate import migrate
 from turnrelay.store.sql import SqlChatStore
@@ -83,6 +84,7 @@ async def rig(tmp_path: Path, amqp_url: str, unique: str) -> AsyncIterator[Rig]:
         queue=queue,
         metrics=metrics,
         hub=StreamHub(events),
+        objects=MemoryObjectStore(),
     )
     try:
         yield Rig(store, queue, control, executor, amqp_url)
@@ -115,3 +117,23 @@ async def test_a_head_whose_publisher_died_is_republished_once(rig: Rig) -> None
     assert await rig.executor.sweep() == 0
     await asyncio.sleep(0.2)
     assert await rig.ready_messages() == 1
+
+
+async def test_a_running_turn_of_a_live_executor_is_not_republished(rig: Rig) -> None:
+    """Its session lease lapsed (the executor was slow to start beating it,
+    under load), but the executor is alive and holds the turn: republishing it
+    would start a second attempt that fences out a healthy one."""
+    s = await rig.store.create_session("u")
+    await rig.control.submit(
+        s.id, "u", "hi", model="fake:x", message_id=None, multitask=Multitask.ENQUEUE
+    )
+    (turn,) = await rig.store.active_turns(s.id)
+    assert await rig.store.start_turn(turn.id, 0) is not None
+    await rig.executor.lease.beat("busy-executor", 60, [f"{turn.id} {s.id}"])
+    before = await rig.ready_messages()
+    assert await rig.executor.sweep() == 0
+    await asyncio.sleep(0.2)
+    assert await rig.ready_messages() == before
+    # Once that executor stops beating, the turn is an orphan: republished.
+    await rig.executor.lease.leave("busy-executor")
+    assert await rig.executor.sweep() == 1

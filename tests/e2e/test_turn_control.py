@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.cluster import Cluster, running_cluster
+from tests.e2e.cluster import MODES, Cluster, running_cluster
 from tests.procs import read_sse
 
 pytestmark = pytest.mark.slow
@@ -24,14 +24,17 @@ AUTH = {"authorization": "Bearer tok-alice"}
 LONG = "fake:tokens=400 fake:delay_ms=20"
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+@pytest.fixture(scope="module", params=MODES)
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     caps = {
         "TURNRELAY_MAX_RUNNING_TURNS_PER_USER": "3",
         "TURNRELAY_MAX_QUEUED_TURNS_PER_SESSION": "2",
+        "TURNRELAY_MAX_WAITING_TURNS_PER_USER": "2",
     }
     with running_cluster(
-        tmp_path_factory.mktemp("control"), apis=2, executors=2, extra_env=caps
+        tmp_path_factory.mktemp("control"), apis=2, executors=2, extra_env=caps, mode=request.param
     ) as c:
         yield c
 
@@ -270,31 +273,109 @@ def test_same_message_id_racing_on_two_replicas(
     assert len(requests_with(cluster, "idem race")) == 1
 
 
-def test_caps_answer_429_and_persist_nothing(cluster: Cluster, clients: list[httpx.Client]) -> None:
-    one = clients[0]
-    sids = [one.post("/api/chat/sessions").json()["id"] for _ in range(4)]
-    for sid in sids[:3]:  # three running turns: the per-user cap
-        assert (
-            one.post(f"/api/chat/sessions/{sid}/turns", json={"message": f"cap {LONG}"}).status_code
-            == 202
-        )
-    r = one.post(f"/api/chat/sessions/{sids[3]}/turns", json={"message": "cap over"})
-    assert r.status_code == 429 and r.json()["code"] == "rate_limited"
-    assert "running turns" in r.json()["detail"] and r.headers["retry-after"]
-    assert one.get(f"/api/chat/sessions/{sids[3]}").json()["messages"] == []
-    # two queued behind the running one: the per-session cap
-    for k in range(2):
-        assert (
-            one.post(
-                f"/api/chat/sessions/{sids[0]}/turns", json={"message": f"queued {k}"}
-            ).status_code
-            == 202
-        )
-    r = one.post(f"/api/chat/sessions/{sids[0]}/turns", json={"message": "queued over"})
-    assert r.status_code == 429 and "queued turns" in r.json()["detail"]
-    assert len(one.get(f"/api/chat/sessions/{sids[0]}").json()["messages"]) == 6
-    for sid in sids[:3]:
+def turn_of(client: httpx.Client, sid: str, turn_id: str) -> dict[str, Any]:
+    return dict(client.get(f"/api/chat/sessions/{sid}/turns/{turn_id}").json())
+
+
+def test_beyond_the_running_cap_turns_wait_in_the_users_fifo(
+    cluster: Cluster, clients: list[httpx.Client]
+) -> None:
+    one, two = clients
+    sids = [one.post("/api/chat/sessions").json()["id"] for _ in range(6)]
+    submitted = []
+    for k, sid in enumerate(sids[:5]):  # three running (the cap), then two waiting
+        client = clients[k % 2]  # the FIFO spans API replicas
+        r = client.post(f"/api/chat/sessions/{sid}/turns", json={"message": f"cap{k} {LONG}"})
+        assert r.status_code == 202
+        submitted.append(r.json())
+    assert [t["queue_position"] for t in submitted] == [None, None, None, 1, 2]
+    for sid, t in zip(sids[:3], submitted[:3], strict=True):
+        wait_running(one, sid, t["turn_id"])
+    pending = list(zip(sids[3:5], submitted[3:], strict=True))
+    waiting = [turn_of(two, sid, t["turn_id"]) for sid, t in pending]
+    assert [(t["status"], t["queue_position"]) for t in waiting] == [("queued", 1), ("queued", 2)]
+    assert one.get(f"/api/chat/sessions/{sids[4]}").json()["active_turn"]["queue_position"] == 2
+    # Beyond the waiting cap: 429 with Retry-After, and nothing persisted.
+    r = one.post(f"/api/chat/sessions/{sids[5]}/turns", json={"message": "cap over"})
+    assert r.status_code == 429 and r.json()["code"] == "too_many_waiting"
+    assert int(r.headers["retry-after"]) >= 1
+    assert one.get(f"/api/chat/sessions/{sids[5]}").json()["messages"] == []
+    # Another user's turn is not held up by alice's backlog.
+    with httpx.Client(
+        base_url=cluster.apis[1].url, headers={"authorization": "Bearer tok-bob"}, timeout=30
+    ) as bob:
+        bob_sid = bob.post("/api/chat/sessions").json()["id"]
+        r = bob.post(f"/api/chat/sessions/{bob_sid}/turns", json={"message": "bob fake:tokens=3"})
+        assert r.status_code == 202 and r.json()["queue_position"] is None
+        bob_turn = r.json()["turn_id"]
+        deadline = time.monotonic() + 20
+        while turn_of(bob, bob_sid, bob_turn)["status"] != "completed":
+            assert time.monotonic() < deadline, "bob's turn waited behind alice's"
+            time.sleep(0.05)
+    assert [turn_of(one, sid, t["turn_id"])["status"] for sid, t in pending] == ["queued"] * 2
+    # A freed slot goes to the oldest waiting turn; the next moves up.
+    assert one.post(f"/api/chat/sessions/{sids[1]}/cancel").status_code == 200
+    wait_running(two, sids[3], submitted[3]["turn_id"])
+    assert turn_of(one, sids[4], submitted[4]["turn_id"])["queue_position"] == 1
+    # Deleting a session with a running turn frees its slot too.
+    assert one.delete(f"/api/chat/sessions/{sids[0]}").status_code == 204
+    wait_running(two, sids[4], submitted[4]["turn_id"])
+    for sid in (sids[2], sids[3], sids[4]):
         one.delete(f"/api/chat/sessions/{sid}")
+
+
+def test_waiting_turns_start_in_order_as_running_ones_finish(
+    cluster: Cluster, clients: list[httpx.Client]
+) -> None:
+    one = clients[0]
+    sids = [one.post("/api/chat/sessions").json()["id"] for _ in range(6)]
+    ids = []
+    for k, sid in enumerate(sids):
+        # The running three end 0.24 s apart, so the waiting ones are admitted
+        # 0.24 s apart (their start times then order them whichever executor
+        # takes each); a waiting one runs long enough not to free a slot first.
+        tokens = 4 * (k + 1) if k < 3 else 20
+        r = one.post(
+            f"/api/chat/sessions/{sid}/turns",
+            json={"message": f"fifo{k} fake:tokens={tokens} fake:delay_ms=60"},
+        )
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["turn_id"])
+        if len(ids) == 5:
+            # The waiting cap is 2 (3 running): wait for a slot before the sixth.
+            wait_running(one, sids[3], ids[3])
+    turns_ = []
+    for sid, tid in zip(sids, ids, strict=True):
+        wait_idle(one, sid)
+        turns_.append(turn_of(one, sid, tid))
+    assert all(t["status"] == "completed" for t in turns_)
+    started = [t["started_at"] for t in turns_]
+    assert started[3:] == sorted(started[3:])  # the waiting ones in FIFO order
+    finished_first = sorted(t["finished_at"] for t in turns_[:3])
+    # Each waiting turn started only after a running slot freed.
+    assert started[3] >= finished_first[0]
+    for sid in sids:
+        one.delete(f"/api/chat/sessions/{sid}")
+
+
+def test_the_per_session_queue_cap_answers_429_and_persists_nothing(
+    cluster: Cluster, clients: list[httpx.Client]
+) -> None:
+    one = clients[0]
+    sid = one.post("/api/chat/sessions").json()["id"]
+    r = one.post(f"/api/chat/sessions/{sid}/turns", json={"message": f"cap {LONG}"})
+    assert r.status_code == 202
+    wait_running(one, sid, r.json()["turn_id"])  # running turns do not count as queued
+    for k in range(2):  # two queued behind the running one: the per-session cap
+        assert (
+            one.post(f"/api/chat/sessions/{sid}/turns", json={"message": f"queued {k}"}).status_code
+            == 202
+        )
+    r = one.post(f"/api/chat/sessions/{sid}/turns", json={"message": "queued over"})
+    assert r.status_code == 429 and "queued turns" in r.json()["detail"]
+    assert r.headers["retry-after"]
+    assert len(one.get(f"/api/chat/sessions/{sid}").json()["messages"]) == 6
+    one.delete(f"/api/chat/sessions/{sid}")
 
 
 def test_delete_cancels_the_running_turn_first(

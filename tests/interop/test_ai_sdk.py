@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import require_node_package
-from tests.procs import FakeLLMProc, Proc, start_fake_llm, start_serve
+from tests.procs import FakeLLMProc, Proc, start_fake_llm, start_serve, tokens
 from turnrelay.events import chunks as c
 from turnrelay.lifecycle import terminal_chunks
 from turnrelay.store.base import TurnStatus
@@ -207,7 +207,7 @@ def test_regenerate_answers_again_instead_of_replaying_the_old_turn(
 ) -> None:
     """`Chat.regenerate()` resends the last user message (same id) with trigger
     'regenerate-message': that is a request for a new answer, not an idempotent
-    repeat of the submit."""
+    repeat of the submit, and the new answer replaces the old one."""
     sid = new_session(client)
     user_id = f"user-{uuid.uuid4()}"
     first = run_sdk(node, server, sid, "send", userMessageId=user_id, text="regen me")
@@ -226,9 +226,15 @@ def test_regenerate_answers_again_instead_of_replaying_the_old_turn(
     assert new_id != old_id
     assert again["sdkErrors"] == []
     messages = client.get(f"/api/chat/sessions/{sid}").json()["messages"]
-    assistants = [m for m in messages if m["role"] == "assistant"]
-    assert [m["id"] for m in assistants] == [old_id, new_id]
-    assert all(m["status"] == "completed" for m in assistants)
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "regen me"),
+        ("assistant", "Echo: regen me"),
+    ]
+    assert messages[1]["id"] == new_id and messages[1]["status"] == "completed"
+    # The old turn stays readable, marked as replaced by the new one.
+    old_turn_id = first["wireFrames"][0]["id"].split(":")[0]  # frame ids: <turn_id>:<seq>
+    old_turn = client.get(f"/api/chat/sessions/{sid}/turns/{old_turn_id}")
+    assert old_turn.json()["superseded_by"] == messages[1]["turn_id"]
     # a plain resubmit of the same message id still answers with the first turn
     repeat = run_sdk(node, server, sid, "send", userMessageId=user_id, text="regen me")
     assert check_stream(repeat)["messageId"] == old_id
@@ -411,4 +417,204 @@ def test_terminal_chunks_pass_the_sdk_schemas(node: str, status: TurnStatus, err
     )
     assert result["sdkErrors"] == (["the model went away"] if errors else [])
     assert result["message"]["metadata"] == {"status": status.value}
+    assert text_of(result["message"]) == "found it"
+
+
+CHAT_SCRIPT = HERE / "chat_class.mjs"
+
+
+def test_the_sdks_chat_class_sends_regenerates_stops_and_resumes(
+    node: str, server: Proc, client: httpx.Client
+) -> None:
+    """The AI SDK's own `Chat` engine (what `useChat` wraps) against real `serve`."""
+    sid = new_session(client)
+    long = "chat long fake:tokens=200 fake:delay_ms=20"
+    resume = "chat resume fake:tokens=30 fake:delay_ms=20"
+    config = {
+        "api": f"{server.url}/api/chat/sessions/{sid}/stream",
+        "cancelUrl": f"{server.url}/api/chat/sessions/{sid}/cancel",
+        "chatId": sid,
+        "first": "chat hello",
+        "long": long,
+        "resumeText": resume,
+    }
+    done = subprocess.run(
+        [node, str(CHAT_SCRIPT), json.dumps(config)],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=NODE_TIMEOUT,
+    )
+    assert done.returncode == 0, f"{done.stderr}\n{done.stdout}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    steps = result["steps"]
+    assert result["errors"] == []
+
+    send = steps["send"]
+    assert [(m["role"], m["text"]) for m in send["messages"]] == [
+        ("user", "chat hello"),
+        ("assistant", "Echo: chat hello"),
+    ]
+    assert send["status"] == "ready"
+    assert send["finish"]["finishReason"] == "stop" and not send["finish"]["isAbort"]
+    assert send["messages"][1]["metadata"]["status"] == "completed"
+
+    # regenerate: the chat replaces its last answer with a new one (a new turn),
+    # and so does the server: the session holds what the chat shows.
+    regen = steps["regenerate"]
+    assert [m["role"] for m in regen["messages"]] == ["user", "assistant"]
+    assert regen["messages"][1]["text"] == "Echo: chat hello"
+    assert regen["messages"][1]["id"] != send["messages"][1]["id"]
+    on_server = client.get(f"/api/chat/sessions/{sid}").json()["messages"]
+    assert on_server[1]["id"] == regen["messages"][1]["id"]
+    assert [m["content"] for m in on_server][:2] == ["chat hello", "Echo: chat hello"]
+
+    # stop, with turnrelay's cancel: the partial answer is kept, the turn cancelled.
+    stop = steps["stop"]
+    assert steps["cancelAnswer"]["cancelled"] is True
+    assert stop["status"] == "ready"
+    # (Chat's isAbort is about the client's own abort; the server's abort chunk shows
+    # as the finish reason and the status in the finish's metadata.)
+    assert stop["finish"]["finishReason"] == "other" and not stop["finish"]["isError"]
+    assert stop["finish"]["metadata"] == {"status": "cancelled"}
+    partial = stop["messages"][-1]["text"]
+    assert 5 <= len(partial.split()) < 200 and tokens(200).startswith(partial)
+    stored = client.get(f"/api/chat/sessions/{sid}/turns/{steps['cancelAnswer']['turn_id']}")
+    assert stored.json()["status"] == "cancelled"
+
+    # resume after a reload: the whole reply, once, from the turn's first frame.
+    resumed = steps["resume"]
+    assert [(m["role"], m["text"]) for m in resumed["messages"]] == [
+        ("user", resume),
+        ("assistant", tokens(30)),
+    ]
+    assert len(steps["resumeCutAt"].split()) < 30  # the first tab really left mid-reply
+    assert resumed["finish"]["finishReason"] == "stop"
+
+
+V6 = HERE / "v6"
+
+
+@pytest.mark.parametrize("status", [TurnStatus.COMPLETED, TurnStatus.FAILED, TurnStatus.CANCELLED])
+def test_every_chunk_passes_ai_sdk_6_too(status: TurnStatus) -> None:
+    """Clients still on AI SDK 6: its own schema (no `interrupted` finish reason,
+    for one) and stream reader take every chunk turnrelay writes."""
+    node = require_node_package(V6, "ai")
+    error = "the model went away" if status is TurnStatus.FAILED else None
+    chunks = builder_turn(terminal_chunks(status, error, {"input_tokens": 1, "output_tokens": 2}))
+    done = subprocess.run(
+        [node, str(V6 / "validate.mjs"), json.dumps(chunks)],
+        capture_output=True,
+        text=True,
+        cwd=V6,
+        timeout=NODE_TIMEOUT,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["schemaErrors"] == [] and done.returncode == 0, done.stderr
+    assert result["sdkErrors"] == ([error] if error else [])
+    assert result["message"]["metadata"]["status"] == status.value
+    assert text_of(result["message"]) == "found it"
+
+
+APPROVAL_SCRIPT = HERE / "approval_chat.mjs"
+
+
+def test_the_sdks_chat_class_answers_tool_approval_requests(
+    node: str, server: Proc, client: httpx.Client
+) -> None:
+    """`addToolApprovalResponse` and `sendAutomaticallyWhen` against real `serve`:
+    the chat gets the request, sends the answer, and shows the tool's outcome."""
+    sid = new_session(client)
+    config = {
+        "api": f"{server.url}/api/chat/sessions/{sid}/stream",
+        "chatId": sid,
+        "approve": 'note fake:tool=save_note:{"text": "from the chat"}',
+        "deny": 'note fake:tool=save_note:{"text": "never"}',
+    }
+    done = subprocess.run(
+        [node, str(APPROVAL_SCRIPT), json.dumps(config)],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=NODE_TIMEOUT,
+    )
+    assert done.returncode == 0, f"{done.stderr}\n{done.stdout}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    steps = result["steps"]
+    assert result["errors"] == []
+
+    asked = steps["approveAsked"]["messages"][-1]
+    assert asked["tool"]["state"] == "approval-requested"
+    assert asked["tool"]["input"] == {"text": "from the chat"}
+    assert asked["metadata"] == {"status": "awaiting_approval"}
+    # What the chat sent back: no new user message, the answer in the assistant's parts.
+    (request,) = steps["approveRequest"]
+    assert request["trigger"] == "submit-message" and request["messageId"] == asked["id"]
+    assert request["messages"][-1]["role"] == "assistant"
+    approved = steps["approveDone"]["messages"]
+    assert [m["role"] for m in approved] == ["user", "assistant"]
+    assert approved[-1]["id"] == asked["id"]  # the same answer, continued
+    assert approved[-1]["tool"]["state"] == "output-available"
+    assert approved[-1]["tool"]["output"] == {"saved": True, "notes": 1}
+    assert approved[-1]["text"] == 'Tool save_note returned: {"saved": true, "notes": 1}'
+
+    denied = steps["denyDone"]["messages"]
+    assert [m["role"] for m in denied] == ["user", "assistant", "user", "assistant"]
+    assert denied[-1]["tool"]["state"] == "output-denied"
+    assert denied[-1]["tool"]["approval"]["approved"] is False
+    assert "denied" in denied[-1]["text"] and "not now" in denied[-1]["text"]
+
+    # The server holds what the chat shows.
+    stored = client.get(f"/api/chat/sessions/{sid}").json()["messages"]
+    states = [
+        next(p for p in m["parts"] if p["type"] == "tool-save_note")["state"]
+        for m in stored
+        if m["role"] == "assistant"
+    ]
+    assert states == ["output-available", "output-denied"]
+    assert [m["status"] for m in stored] == ["completed"] * 4
+
+
+def test_approval_and_steer_chunks_pass_ai_sdk_6_too() -> None:
+    """A pause for approval, its continuation (one call approved, one denied) and
+    a steer, through AI SDK 6's own schema and reader as one stream."""
+    node = require_node_package(V6, "ai")
+    chunks = [
+        c.start("msg-approval"),
+        c.start_step(),
+        c.tool_input_start("call-1", "save_note"),
+        c.tool_input_available("call-1", "save_note", {"text": "x"}),
+        c.tool_approval_request("approval_1", "call-1"),
+        c.tool_input_start("call-2", "save_note"),
+        c.tool_input_available("call-2", "save_note", {"text": "y"}),
+        c.tool_approval_request("approval_2", "call-2"),
+        c.finish_step(),
+        c.pause(),
+        c.start("msg-approval"),
+        c.tool_output_available("call-1", {"saved": True}),
+        c.tool_output_denied("call-2"),
+        c.data("steer", {"messageId": "m-2", "text": "and this"}),
+        c.start_step(),
+        c.text_start("t1"),
+        c.text_delta("t1", "found it"),
+        c.text_end("t1"),
+        c.finish_step(),
+        *terminal_chunks(TurnStatus.COMPLETED, None),
+    ]
+    done = subprocess.run(
+        [node, str(V6 / "validate.mjs"), json.dumps(chunks)],
+        capture_output=True,
+        text=True,
+        cwd=V6,
+        timeout=NODE_TIMEOUT,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["schemaErrors"] == [] and done.returncode == 0, done.stderr
+    assert result["sdkErrors"] == []
+    parts = result["message"]["parts"]
+    states = {p["toolCallId"]: p["state"] for p in parts if p["type"] == "tool-save_note"}
+    assert states == {"call-1": "output-available", "call-2": "output-denied"}
+    assert [p["data"] for p in parts if p["type"] == "data-steer"] == [
+        {"messageId": "m-2", "text": "and this"}
+    ]
     assert text_of(result["message"]) == "found it"

@@ -145,7 +145,14 @@ def test_entry_point_discovery() -> None:
 
 def test_build_registry_with_builtins_and_an_allow_list() -> None:
     registry = build_registry(find=_entry_points(more=f"{__name__}:make_tools"))
-    assert registry.names() == ["current_time", "calculate", "list_uploads", "read_upload", "boom"]
+    assert registry.names() == [
+        "current_time",
+        "calculate",
+        "list_uploads",
+        "read_upload",
+        "save_note",
+        "boom",
+    ]
     only = build_registry(["calculate"], find=_entry_points())
     assert only.names() == ["calculate"]
     with pytest.raises(ConfigError, match="unknown tools 'nope'"):
@@ -231,3 +238,61 @@ def test_session_directory_stays_in_the_sandbox(tmp_path: Path) -> None:
     assert session_directory(base, "../../etc") == base.resolve() / "______etc"
     with pytest.raises(ValueError):
         session_directory(base, "..")
+
+
+class Transfer:
+    """Asks for approval above a threshold (a rule over the arguments)."""
+
+    name = "transfer"
+    description = "Move money."
+    args_model = EchoArgs
+
+    @staticmethod
+    def needs_approval(args: EchoArgs) -> bool:
+        return args.times > 1
+
+    async def run(self, args: EchoArgs, context: ToolContext) -> str:
+        return "moved"
+
+
+class Moody(Transfer):
+    name = "moody"
+
+    @staticmethod
+    def needs_approval(args: EchoArgs) -> bool:
+        raise RuntimeError("cannot decide")
+
+
+def test_which_calls_need_approval() -> None:
+    from turnrelay.tools.builtin import SaveNote
+
+    registry = ToolRegistry([Echo(), Transfer(), Moody(), SaveNote()], require_approval=["echo"])
+    assert registry.needs_approval("save_note", {"text": "x"})  # declared
+    assert registry.needs_approval("echo", '{"text": "x"}')  # by the setting
+    assert registry.needs_approval("transfer", '{"text": "x", "times": 5}')  # by its rule
+    assert not registry.needs_approval("transfer", {"text": "x", "times": 1})
+    assert registry.needs_approval("moody", {"text": "x"})  # a rule that raises: ask
+    # Calls that fail without running need no approval.
+    assert not registry.needs_approval("transfer", "not json")
+    assert not registry.needs_approval("transfer", {"times": 5})
+    assert not registry.needs_approval("nope", {})
+
+
+def test_approval_setting_names_known_tools() -> None:
+    with pytest.raises(ConfigError, match="TOOLS_REQUIRING_APPROVAL names unknown tools 'nope'"):
+        build_registry(require_approval=["nope"], find=_entry_points())
+    registry = build_registry(["calculate"], require_approval=["calculate"], find=_entry_points())
+    assert registry.needs_approval("calculate", {"expression": "1+1"})
+
+
+async def test_save_note_appends_to_the_session_notes(tmp_path: Path) -> None:
+    from turnrelay.tools.builtin import NOTES_FILE, SaveNote
+
+    registry = ToolRegistry([SaveNote()])
+    first = await registry.call("save_note", {"text": "buy  milk\nnow"}, _ctx(tmp_path / "s1"))
+    second = await registry.call("save_note", {"text": "call Bob"}, _ctx(tmp_path / "s1"))
+    assert first.ok and first.output == {"saved": True, "notes": 1}
+    assert second.output == {"saved": True, "notes": 2}
+    assert (tmp_path / "s1" / NOTES_FILE).read_text() == "- buy milk now\n- call Bob\n"
+    nowhere = await registry.call("save_note", {"text": "x"}, _ctx(None))
+    assert not nowhere.ok and "no session directories" in nowhere.error

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+from claude_agent_sdk.types import SessionKey
 
 from turnrelay.api.app import create_app
 from turnrelay.errors import ModelError
@@ -20,8 +22,10 @@ from turnrelay.metrics import Metrics
 from turnrelay.queue.memory import MemoryTurnQueue
 from turnrelay.runtime.base import RuntimeEvent, StepFinish, StepStart, TextDelta, TurnContext
 from turnrelay.settings import Settings
+from turnrelay.storage.memory import MemoryObjectStore
 from turnrelay.store.migrate import migrate
 from turnrelay.store.sql import SqlChatStore
+from turnrelay.transcript.store import TranscriptStore, session_prefix
 
 
 class ScriptedRuntime:
@@ -67,6 +71,7 @@ class Harness:
         self.events = MemoryEventLog()
         self.queue = MemoryTurnQueue()
         self.metrics = Metrics("serve", 2)
+        self.objects = MemoryObjectStore()
         self.executor = Executor(
             settings=self.settings,
             store=self.store,
@@ -87,6 +92,7 @@ class Harness:
             events=self.events,
             queue=self.queue,
             metrics=self.metrics,
+            objects=self.objects,
             readiness=ready,
         )
         self.client = httpx.AsyncClient(
@@ -252,6 +258,19 @@ async def test_running_turn_shows_its_answer_so_far(tmp_path: Path) -> None:
         await task
         await harness.client.aclose()
         await harness.store.shutdown()
+
+
+async def test_delete_deletes_the_sessions_transcripts_only(h: Harness) -> None:
+    sid = (await h.client.post("/api/chat/sessions")).json()["id"]
+    other = (await h.client.post("/api/chat/sessions")).json()["id"]
+    user = (await h.client.get(f"/api/chat/sessions/{sid}")).json()["user_id"]
+    key: SessionKey = {"project_key": "p", "session_id": str(uuid.uuid4())}
+    for session in (sid, other):
+        store = TranscriptStore(h.objects, user_id=user, session_id=session, seq=1, attempt=1)
+        await store.append(key, [{"type": "user", "uuid": "u"}])
+    assert (await h.client.delete(f"/api/chat/sessions/{sid}")).status_code == 204
+    assert await h.objects.list(session_prefix(user, sid)) == []
+    assert len(await h.objects.list(session_prefix(user, other))) == 1
 
 
 async def test_delete_starts_none_of_the_queued_turns(h: Harness) -> None:

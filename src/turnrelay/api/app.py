@@ -11,20 +11,26 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Mount, Route
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from turnrelay.api import errors
 from turnrelay.api.auth import Authenticator
 from turnrelay.api.control import TurnControl
+from turnrelay.api.docs import DocsRoutes
 from turnrelay.api.hub import StreamHub
+from turnrelay.api.jwt_auth import JwtVerifier
+from turnrelay.api.openapi import OPERATIONS, openapi_document
 from turnrelay.api.routes import ChatRoutes
 from turnrelay.errors import TurnrelayError
 from turnrelay.events.base import EventLog
 from turnrelay.metrics import Metrics
 from turnrelay.queue.base import TurnQueue
 from turnrelay.settings import Settings
+from turnrelay.storage.base import ObjectStore
 from turnrelay.store.base import ChatStore
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -37,11 +43,18 @@ def create_app(
     events: EventLog,
     queue: TurnQueue,
     metrics: Metrics,
+    objects: ObjectStore,
     readiness: Callable[[], Awaitable[None]],
 ) -> Starlette:
     hub = StreamHub(events)
     control = TurnControl(
-        settings=settings, store=store, events=events, queue=queue, metrics=metrics, hub=hub
+        settings=settings,
+        store=store,
+        events=events,
+        queue=queue,
+        metrics=metrics,
+        hub=hub,
+        objects=objects,
     )
     r = ChatRoutes(
         settings=settings,
@@ -49,28 +62,23 @@ def create_app(
         events=events,
         control=control,
         hub=hub,
-        auth=Authenticator(settings.user_tokens()),
+        auth=authenticator(settings),
         metrics=metrics,
         readiness=readiness,
     )
-    prefix = "/api/chat"
-    sid = "/sessions/{session_id}"
+    document = openapi_document(settings)
+    docs = DocsRoutes(document)
+    # One route per path, so a method the path lacks answers 405 with an
+    # ``Allow`` header naming all of the path's methods.
+    table: dict[str, dict[str, Handler]] = {}
+    for op in OPERATIONS:  # the documented routes are the routes
+        owner: Any = docs if op.tag == "docs" else r
+        table.setdefault(op.path, {})[op.method.upper()] = getattr(owner, op.handler)
     routes: list[Any] = [
-        Route(f"{prefix}/sessions", r.create_session, methods=["POST"]),
-        Route(f"{prefix}/sessions", r.list_sessions, methods=["GET"]),
-        Route(f"{prefix}{sid}", r.get_session, methods=["GET"]),
-        Route(f"{prefix}{sid}", r.delete_session, methods=["DELETE"]),
-        Route(f"{prefix}{sid}/stream", r.post_stream, methods=["POST"]),
-        Route(f"{prefix}{sid}/stream", r.get_stream, methods=["GET"]),
-        Route(f"{prefix}{sid}/turns", r.post_turn, methods=["POST"]),
-        Route(f"{prefix}{sid}/turns/{{turn_id}}", r.get_turn, methods=["GET"]),
-        Route(f"{prefix}{sid}/cancel", r.cancel, methods=["POST"]),
-        Route("/health", r.health, methods=["GET"]),
-        Route("/ready", r.ready, methods=["GET"]),
-        Route("/metrics", r.metrics_text, methods=["GET"]),
+        Route(path, by_method(handlers), methods=list(handlers)) for path, handlers in table.items()
     ]
     if (WEB_DIR / "index.html").exists():
-        routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
+        routes.append(PageMount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
 
     middleware = [Middleware(RequestMetrics, metrics=metrics)]
     if settings.cors_origins:
@@ -131,3 +139,46 @@ class RequestMetrics:
             endpoint = scope.get("endpoint")
             name = getattr(endpoint, "__name__", None) or "unmatched"
             self._metrics.http_requests.labels(name, str(status)).inc()
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class PageMount(Mount):
+    """The static pages, for GET and HEAD outside ``/api/`` only: mounted at
+    ``/`` they would otherwise match every request, and answer a method an API
+    path lacks with their own 405 or 404 instead of the route's 405 (whose
+    ``Allow`` names the path's methods)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http" and (
+            scope["method"] not in ("GET", "HEAD") or scope["path"].startswith("/api/")
+        ):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
+def by_method(handlers: dict[str, Handler]) -> Handler:
+    """The endpoint of one path: each method's handler (HEAD is GET's)."""
+
+    async def endpoint(request: Request) -> Response:
+        handler = handlers["GET" if request.method == "HEAD" else request.method]
+        request.scope["endpoint"] = handler  # what RequestMetrics labels the request by
+        return await handler(request)
+
+    return endpoint
+
+
+def authenticator(settings: Settings) -> Authenticator:
+    verifier = None
+    if settings.jwt_enabled():
+        verifier = JwtVerifier(
+            secret=settings.jwt_secret,
+            jwks_url=settings.jwt_jwks_url,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            user_claim=settings.jwt_user_claim,
+            leeway=settings.jwt_leeway,
+            jwks_refetch=settings.jwt_jwks_refetch,
+        )
+    return Authenticator(settings.user_tokens(), verifier)

@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from turnrelay import tracing
 from turnrelay.api.hub import StreamClosed, StreamHub
-from turnrelay.errors import NotFound, PublishFailed, TurnrelayError, UnknownModel
+from turnrelay.errors import NotFound, PublishFailed, TurnrelayError, UnknownModel, Unprocessable
 from turnrelay.events.base import EventLog
 from turnrelay.lifecycle import close_stream
 from turnrelay.metrics import Metrics
 from turnrelay.queue.base import TurnMessage, TurnQueue
 from turnrelay.settings import Settings
+from turnrelay.storage.base import ObjectStore
 from turnrelay.store.base import (
+    ApprovalAnswer,
     ChatStore,
+    Decision,
     Multitask,
     NewTurn,
     SubmitResult,
@@ -30,6 +36,8 @@ from turnrelay.store.base import (
     TurnRecord,
     TurnStatus,
 )
+from turnrelay.transcript.store import delete_session_transcripts
+from turnrelay.webhooks import check_target
 
 # How long POST /cancel waits for the executor's terminal frame before 202.
 CANCEL_WAIT = 5.0
@@ -54,8 +62,10 @@ class TurnControl:
         queue: TurnQueue,
         metrics: Metrics,
         hub: StreamHub,
+        objects: ObjectStore,
     ) -> None:
         self.settings = settings
+        self.objects = objects
         self.hub = hub
         self.store = store
         self.events = events
@@ -83,9 +93,14 @@ class TurnControl:
         model: str | None,
         message_id: str | None,
         multitask: Multitask,
+        webhook_url: str | None = None,
+        regenerate: bool = False,
+        replaces: str | None = None,
     ) -> SubmitResult:
-        result = await self.store.submit_turn(
-            NewTurn(
+        with tracing.span(
+            "turn.submit", kind="SERVER", session_id=session_id, user_id=user_id
+        ) as current:
+            new = NewTurn(
                 session_id=session_id,
                 user_id=user_id,
                 text=text,
@@ -93,23 +108,54 @@ class TurnControl:
                 client_message_id=message_id,
                 multitask=multitask,
                 max_running_per_user=self.settings.max_running_turns_per_user,
+                max_waiting_per_user=self.settings.max_waiting_turns_per_user,
                 max_queued_per_session=self.settings.max_queued_turns_per_session,
                 dispatch_if_idle=True,
+                webhook_url=await self.webhook_target(webhook_url),
+                regenerate=regenerate,
+                replaces_message_id=replaces,
             )
-        )
+            result = await self._submit(new)
+            if current is not None:
+                current.set_attribute("turn.id", result.turn.id)
+            return result
+
+    async def _submit(self, new: NewTurn) -> SubmitResult:
+        session_id, multitask = new.session_id, new.multitask
+        result = await self.store.submit_turn(new)
         if not result.created:
             return result
         self.metrics.turns_submitted.inc()
         if result.turn.dispatched:  # it is the session's head: hand it over now
             await self._publish(result.turn)
+        elif not result.earlier_active:
+            # A head waiting in the user's FIFO: a slot may have freed since the
+            # turns ahead of it were queued; admit the oldest if so.
+            await self.publish_head(session_id)
         elif multitask is Multitask.INTERRUPT:
             for turn in result.earlier_active:
                 await self._stop(turn)
         return result
 
+    async def webhook_target(self, url: str | None) -> str | None:
+        """The turn's webhook: the body's, else the default; checked now (and
+        again before every send)."""
+        url = url or self.settings.webhook_url
+        if url is None:
+            return None
+        if not self.settings.webhook_secret:
+            raise Unprocessable(
+                "webhooks are off: the server has no TURNRELAY_WEBHOOK_SECRET to sign them",
+                code="webhooks_disabled",
+            )
+        await check_target(url, allow_private=self.settings.webhook_allow_private)
+        return url
+
     async def publish_head(self, session_id: str) -> None:
         """Publish the session's head turn if none is in flight."""
-        head = await self.store.dispatch_next(session_id)
+        head = await self.store.dispatch_next(
+            session_id, max_running_per_user=self.settings.max_running_turns_per_user
+        )
         if head is not None:
             await self._publish(head)
 
@@ -117,7 +163,10 @@ class TurnControl:
         """A failed publish fails the turn (terminal CAS, terminal frames) and
         raises ``PublishFailed``."""
         try:
-            await self.queue.publish(TurnMessage(head.id, head.session_id))
+            with tracing.span("turn.publish", kind="PRODUCER", turn_id=head.id):
+                await self.queue.publish(
+                    TurnMessage(head.id, head.session_id, trace=tracing.inject())
+                )
         except TurnrelayError as exc:
             outcome = TurnOutcome(TurnStatus.FAILED, error="the turn could not be queued")
             if await self.store.finish_turn(head.id, head.attempt, outcome):
@@ -178,6 +227,8 @@ class TurnControl:
                 if dispatch:  # it may have been the dispatched head: let the next one go
                     await self.publish_head(turn.session_id)
                 return True
+        if turn.waiting and await self._end_waiting(turn, dispatch=dispatch):
+            return True
         if flag:
             await asyncio.gather(
                 self.store.request_cancel(turn.id), self.queue.publish_cancel(turn.id)
@@ -185,6 +236,33 @@ class TurnControl:
         else:
             await self.queue.publish_cancel(turn.id)
         return False
+
+    async def _end_waiting(self, turn: TurnRecord, *, dispatch: bool) -> bool:
+        """Cancel a turn that waits for approvals: no executor runs it, so the
+        API ends it itself (the same CAS on its attempt; an executor that
+        continues it first wins, and gets the broadcast instead)."""
+        assert turn.paused is not None
+        parts = [_cancelled_request(p) for p in turn.paused.parts]
+        outcome = TurnOutcome(TurnStatus.CANCELLED, content=turn.paused.content, parts=parts)
+        if not await self.store.finish_turn(turn.id, turn.attempt, outcome):
+            return False
+        await close_stream(
+            self.events, await self.store.get_turn(turn.id), self.settings.stream_retention
+        )
+        if dispatch:
+            await self.publish_head(turn.session_id)
+        return True
+
+    async def answer_approvals(
+        self, session_id: str, turn_id: str, decisions: Sequence[Decision]
+    ) -> ApprovalAnswer:
+        """Record the user's answers; the one that decides a pause's last request
+        hands the turn to an executor to go on. If that publish fails, the
+        answers stand and the sweeper publishes it."""
+        answer = await self.store.answer_approvals(turn_id, decisions)
+        if answer.resume:
+            await self.queue.publish(TurnMessage(turn_id, session_id, trace=tracing.inject()))
+        return answer
 
     async def _wait_terminal(self, turn_id: str, timeout: float) -> bool:
         """Wait until the turn's terminal frame is logged."""
@@ -219,4 +297,20 @@ class TurnControl:
         for turn_id in {m.turn_id for m in await self.store.messages(session_id)}:
             with contextlib.suppress(TurnrelayError):
                 await self.events.delete(turn_id)
+        # Transcripts before the row: a failure here leaves the session to delete
+        # again, never transcripts that nothing points at.
+        await delete_session_transcripts(self.objects, user_id, session_id)
         await self.store.delete_session(session_id, user_id)
+        # Its running turn's slot is free now, and the executor that ran it may
+        # have found the session gone when it looked for the next turn to admit.
+        waiting = await self.store.oldest_waiting(user_id)
+        if waiting is not None:
+            await self.publish_head(waiting.session_id)
+
+
+def _cancelled_request(part: dict[str, Any]) -> dict[str, Any]:
+    """A tool part still waiting for its answer, as the cancel leaves it: denied."""
+    if part.get("state") != "approval-requested":
+        return part
+    approval = {**part.get("approval", {}), "approved": False, "reason": "cancelled"}
+    return {**part, "state": "output-denied", "approval": approval}

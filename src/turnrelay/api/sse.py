@@ -1,14 +1,16 @@
 """SSE in the AI SDK UI Message Stream protocol (v1).
 
 Every frame is ``id: <turn_id>:<seq>`` + ``data: <chunk json>``; the stream ends
-with ``data: [DONE]``; heartbeats are SSE comments. The response is a plain
-Starlette ``StreamingResponse``, which cancels the generator when the client
-disconnects: the turn itself runs elsewhere and is not affected.
+with ``data: [DONE]`` (after the turn's ``finish``, or after the ``finish`` of a
+pause for tool approvals when nothing follows it yet); heartbeats are SSE
+comments. The response is a plain Starlette ``StreamingResponse``, which
+cancels the generator when the client disconnects: the turn itself runs
+elsewhere and is not affected.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
@@ -16,6 +18,7 @@ from starlette.responses import StreamingResponse
 from turnrelay.api.hub import StreamClosed, StreamHub
 from turnrelay.errors import TurnrelayError
 from turnrelay.events.base import Frame
+from turnrelay.events.chunks import is_pause
 from turnrelay.metrics import Metrics
 
 HEADERS = {
@@ -60,9 +63,12 @@ async def turn_frames(
     metrics: Metrics,
     preamble: bytes = b"",
     release: Callable[[], None] | None = None,
+    waiting: Callable[[], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[bytes]:
     """The SSE bytes of one turn from ``after``: frames, pings while idle, [DONE].
-    ``release`` runs when the stream ends, however it ends."""
+    ``release`` runs when the stream ends, however it ends. At a pause for tool
+    approvals with nothing after it yet, ``waiting`` says whether the turn still
+    waits (the stream ends there) or was answered (it goes on)."""
     metrics.open_streams.inc()
     try:
         if preamble:
@@ -81,6 +87,15 @@ async def turn_frames(
                     continue
                 yield encode_frame(turn_id, frame)
                 if frame.terminal:
+                    break
+                if (
+                    not sub.pending
+                    and is_pause(frame.data)
+                    and (waiting is None or await waiting())
+                ):
+                    # The turn waits for approvals: this response ends here, as
+                    # the AI SDK expects; the answer's request gets what follows.
+                    # (The pause is persisted before its frame is written.)
                     break
         yield DONE
     finally:

@@ -88,6 +88,14 @@ def tool_output_error(call_id: str, error_text: str) -> Chunk:
     return {"type": "tool-output-error", "toolCallId": call_id, "errorText": error_text}
 
 
+def tool_approval_request(approval_id: str, call_id: str) -> Chunk:
+    return {"type": "tool-approval-request", "approvalId": approval_id, "toolCallId": call_id}
+
+
+def tool_output_denied(call_id: str) -> Chunk:
+    return {"type": "tool-output-denied", "toolCallId": call_id}
+
+
 def data(name: str, payload: Any, *, transient: bool = False) -> Chunk:
     chunk: Chunk = {"type": f"data-{name}", "data": payload}
     if transient:
@@ -99,12 +107,46 @@ def error(text: str) -> Chunk:
     return {"type": "error", "errorText": text}
 
 
-def abort() -> Chunk:
-    return {"type": "abort"}
+def abort(reason: str | None = None) -> Chunk:
+    chunk: Chunk = {"type": "abort"}
+    if reason:
+        chunk["reason"] = reason
+    return chunk
 
 
-def finish(metadata: dict[str, Any] | None = None) -> Chunk:
+# ``finishReason`` values both AI SDK 6 and 7 accept (7 adds "interrupted",
+# which a version 6 client would refuse: a cancel reports "other").
+FINISH_REASONS = ("stop", "length", "content-filter", "tool-calls", "error", "other")
+
+
+def finish(metadata: dict[str, Any] | None = None, *, reason: str | None = None) -> Chunk:
     chunk: Chunk = {"type": FINISH}
+    if reason is not None:
+        assert reason in FINISH_REASONS, reason
+        chunk["finishReason"] = reason
     if metadata:
         chunk["messageMetadata"] = metadata
     return chunk
+
+
+# A turn waiting for tool approvals ends the reader's stream here, as the AI SDK
+# does (``finish`` with ``tool-calls``), but not the turn's log: the attempt
+# that continues the turn appends after it. So this frame is not the log's
+# terminal frame; readers recognise it by its exact encoding.
+AWAITING_APPROVAL = "awaiting_approval"
+
+
+def pause() -> Chunk:
+    return finish({"status": AWAITING_APPROVAL}, reason="tool-calls")
+
+
+_PAUSE = encode(pause())
+
+
+def is_terminal(chunk: Chunk) -> bool:
+    """The chunk ends the turn's log: a ``finish`` that is not a pause."""
+    return chunk["type"] == FINISH and encode(chunk) != _PAUSE
+
+
+def is_pause(encoded: str) -> bool:
+    return encoded == _PAUSE

@@ -159,10 +159,17 @@ class MemoryEventLog:
         return _info(log)
 
     def _ready(self, cursors: Mapping[str, int], count: int) -> dict[str, list[Frame]]:
+        # One clock reading per read, not per cursor: the stream hub reads every
+        # followed turn at once, hundreds of them, for each batch of frames.
+        now = self._clock.now()
+        self._purge(now)
         result: dict[str, list[Frame]] = {}
+        logs = self._logs
         for turn_id, after in cursors.items():
-            log = self._live(turn_id)
-            if log is None:
+            log = logs.get(turn_id)
+            if log is None or not log.frames or log.frames[-1].seq <= after:
+                continue  # nothing new (an expired log is freed by the next _live)
+            if _expired(log.expires_at, now):
                 continue
             start = bisect.bisect_right(log.frames, after, key=lambda f: f.seq)
             if start < len(log.frames):

@@ -16,12 +16,16 @@ from typing import Any
 from turnrelay.events import chunks
 from turnrelay.events.chunks import Chunk
 from turnrelay.runtime.base import (
+    ApprovalAnswered,
+    ApprovalRequest,
     ReasoningDelta,
     RuntimeEvent,
+    SteerEntered,
     StepFinish,
     StepStart,
     TextDelta,
     ToolCall,
+    ToolDenied,
     ToolFailed,
     ToolInputDelta,
     ToolInputStart,
@@ -94,6 +98,32 @@ class Assembler:
                     failed["errorText"] = error
                     failed["state"] = "output-error"
                     out.append(chunks.tool_output_error(call_id, error))
+            case ApprovalRequest(call_id=call_id, approval_id=approval_id):
+                asked = self._tools.get(call_id)
+                if asked is not None:
+                    asked["state"] = "approval-requested"
+                    asked["approval"] = {"id": approval_id}
+                    out.append(chunks.tool_approval_request(approval_id, call_id))
+            case ApprovalAnswered(
+                call_id=call_id, approval_id=approval_id, approved=ok, reason=why
+            ):
+                answered = self._tools.get(call_id)
+                if answered is not None:
+                    answered["state"] = "approval-responded"
+                    answered["approval"] = {"id": approval_id, "approved": ok}
+                    if why:
+                        answered["approval"]["reason"] = why
+            case ToolDenied(call_id=call_id):
+                denied = self._tools.get(call_id)
+                if denied is not None:
+                    denied["state"] = "output-denied"
+                    out.append(chunks.tool_output_denied(call_id))
+            case SteerEntered(message_id=message_id, text=text):
+                self._close_open(out)
+                data = {"messageId": message_id, "text": text}
+                self.parts.append({"type": "data-steer", "data": data})
+                self._ids.append("")
+                out.append(chunks.data("steer", data))
             case Usage(input_tokens=i, output_tokens=o):
                 prev = self.usage or {"inputTokens": 0, "outputTokens": 0, "totalTokens": 0}
                 self.usage = {
@@ -110,7 +140,9 @@ class Assembler:
         step_open = False
         for part, pid in zip(self.parts, self._ids, strict=True):
             kind = part["type"]
-            if kind == "step-start":
+            if kind == "data-steer":
+                out.append(chunks.data("steer", part["data"]))
+            elif kind == "step-start":
                 if step_open:
                     out.append(chunks.finish_step())
                 out.append(chunks.start_step())
@@ -133,13 +165,31 @@ class Assembler:
                     out.append(chunks.tool_input_start(pid, name))
                     continue
                 out.append(chunks.tool_input_available(pid, name, part["input"]))
-                if part["state"] == "output-available":
+                if "approval" in part:
+                    out.append(chunks.tool_approval_request(part["approval"]["id"], pid))
+                if part["state"] == "output-denied":
+                    out.append(chunks.tool_output_denied(pid))
+                elif part["state"] == "output-available":
                     out.append(chunks.tool_output_available(pid, part["output"]))
                 elif part["state"] == "output-error":
                     out.append(chunks.tool_output_error(pid, part["errorText"]))
         if step_open and not self._in_step:
             out.append(chunks.finish_step())
         return out
+
+    def restore(self, parts: list[dict[str, Any]]) -> None:
+        """Go on from a paused attempt's message (its parts, all closed). Usage
+        is not carried: a runtime reports the whole turn's when it ends."""
+        self.parts = [dict(p) for p in parts]
+        self._ids = []
+        self._tools = {}
+        for part in self.parts:
+            if part["type"].startswith("tool-"):
+                self._ids.append(part["toolCallId"])
+                self._tools[part["toolCallId"]] = part
+            else:
+                plain = part["type"] in ("step-start", "data-steer")
+                self._ids.append("" if plain else uuid.uuid4().hex)
 
     def close(self) -> list[Chunk]:
         """Chunks that end whatever is still open (before the terminal chunks)."""

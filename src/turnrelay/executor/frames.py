@@ -159,7 +159,7 @@ class FrameWriter:
     def _number(self, batch: list[Chunk]) -> list[Frame]:
         frames = []
         for chunk in batch:
-            frames.append(Frame(self._next_seq, wire.encode(chunk), chunk["type"] == wire.FINISH))
+            frames.append(Frame(self._next_seq, wire.encode(chunk), wire.is_terminal(chunk)))
             self._next_seq += 1
         return frames
 

@@ -7,11 +7,17 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 # A cancel may arrive before its turn is registered here (the broadcast raced the
 # claim): remember it this long, for at most this many turns.
 CANCEL_MEMORY_SECONDS = 600.0
 CANCEL_MEMORY_SIZE = 10_000
+
+
+def holding(turn_id: str, session_id: str) -> str:
+    """How a held turn is named in the executor's liveness beat (and reaped)."""
+    return f"{turn_id} {session_id}"
 
 
 class StopReason(StrEnum):
@@ -24,7 +30,7 @@ class StopReason(StrEnum):
 @dataclass
 class Run:
     turn_id: str
-    task: asyncio.Task[None]
+    task: asyncio.Task[Any]
     reason: StopReason | None = field(default=None)
 
     def stop(self, reason: StopReason) -> None:
@@ -60,7 +66,7 @@ class RunningTurns:
     def __len__(self) -> int:
         return len(self._runs)
 
-    def add(self, turn_id: str, task: asyncio.Task[None]) -> Run:
+    def add(self, turn_id: str, task: asyncio.Task[Any]) -> Run:
         """Register a run; one whose cancel already arrived is stopped at once."""
         run = Run(turn_id, task)
         self._runs[turn_id] = run

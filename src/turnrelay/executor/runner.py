@@ -31,11 +31,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
+from typing import Any
 
+from turnrelay import logs, tracing
 from turnrelay.errors import (
     BackendUnavailable,
     RuntimeFailure,
@@ -52,12 +56,14 @@ from turnrelay.lease.base import Lease
 from turnrelay.lifecycle import SEQ_EPOCH, close_stream, session_lease_key, terminal_chunks
 from turnrelay.metrics import Metrics
 from turnrelay.queue.base import Delivery, TurnMessage, TurnQueue
-from turnrelay.runtime.base import AgentRuntime, TurnContext
+from turnrelay.runtime.base import AgentRuntime, ApprovalRequest, Pause, Resume, TurnContext
 from turnrelay.settings import ModelRef, Settings
 from turnrelay.store.base import (
     ExecutorStore,
     MessageRecord,
+    NewApproval,
     TurnOutcome,
+    TurnPause,
     TurnRecord,
     TurnStatus,
 )
@@ -71,6 +77,26 @@ REPUBLISH_AFTER = 15.0
 # How long the terminal CAS is retried while the database is unreachable (a
 # failover, a restart): the turn's work is done, only its outcome must land.
 FINISH_BUDGET = 30.0
+# How long an attempt waits for its cancelled heartbeat to end before it goes
+# on to write its end without it.
+HEARTBEAT_STOP_WAIT = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Earlier:
+    """What a turn is told of its session's earlier turns, and of its own pause."""
+
+    history: list[MessageRecord]
+    cli_session: str | None  # the CLI session a ``claude`` turn resumes
+    resume: Resume | None = None  # the pause this attempt continues from
+
+
+@dataclass(slots=True)
+class _Paused:
+    """The runtime stopped for approvals: its state and what it asked."""
+
+    state: dict[str, Any]
+    requests: list[NewApproval]
 
 
 class _Outcome(Enum):
@@ -105,6 +131,20 @@ class TurnRunner:
 
     async def handle(self, delivery: Delivery) -> None:
         message = delivery.message
+        with (
+            logs.about_turn(message.turn_id, message.session_id),
+            tracing.span(
+                "turn.deliver",
+                parent=message.trace,
+                kind="CONSUMER",
+                turn_id=message.turn_id,
+                session_id=message.session_id,
+                redelivered=delivery.redelivered,
+            ),
+        ):
+            await self._handle_logged(message, delivery)
+
+    async def _handle_logged(self, message: TurnMessage, delivery: Delivery) -> None:
         try:
             await self._handle(message, delivery)
             return
@@ -143,6 +183,12 @@ class TurnRunner:
             await delivery.ack()
             self.metrics.delivery("ended")
             return
+        if turn.waiting:
+            # Paused for tool approvals: nothing runs until they are answered,
+            # and the answer that decides the last one publishes it again.
+            await delivery.ack()
+            self.metrics.delivery("waiting")
+            return
         key = session_lease_key(turn.session_id)
         # Held from before the lease is taken, so a freeze anywhere from here on
         # is visible to the other executors' reaper.
@@ -172,13 +218,24 @@ class TurnRunner:
 
     async def _dispatch_next(self, session_id: str) -> None:
         cutoff = datetime.now(UTC) - timedelta(seconds=REPUBLISH_AFTER)
-        head = await self.store.dispatch_next(session_id, republish_before=cutoff)
+        head = await self.store.dispatch_next(
+            session_id,
+            republish_before=cutoff,
+            max_running_per_user=self.settings.max_running_turns_per_user,
+        )
         if head is not None:
             await self.queue.publish(TurnMessage(head.id, head.session_id))
             await self.store.mark_published(head.id)
 
     async def _run_leased(self, turn: TurnRecord, key: str) -> _Outcome:
-        if turn.status is TurnStatus.RUNNING and turn.attempt >= self.settings.max_attempts:
+        # Attempts count from the turn's last pause: a pause ends its attempt
+        # cleanly, and the answered turn starts afresh from it.
+        since = turn.attempt - (turn.paused.attempt if turn.paused is not None else 0)
+        if (
+            turn.status is TurnStatus.RUNNING
+            and not turn.resumable
+            and since >= self.settings.max_attempts
+        ):
             outcome = TurnOutcome(
                 TurnStatus.FAILED,
                 error=f"the turn was interrupted {turn.attempt} times; giving up",
@@ -189,21 +246,32 @@ class TurnRunner:
                 self.metrics.turn_finished(done.status.value, None)
             return _Outcome.DONE
         # The CAS on the attempt we read catches any change since that read.
-        # The history (earlier turns only) does not depend on the CAS: read both at once.
-        started, history = await asyncio.gather(
+        # The history (earlier turns only) and the CLI's session id do not depend
+        # on the CAS: read them at once.
+        started, history, cli_session = await asyncio.gather(
             self.store.start_turn(turn.id, turn.attempt),
             self.store.history(turn.session_id, turn.seq),
+            self.store.cli_session(turn.session_id),
         )
+        resume = None
+        if started is not None and started.paused is not None:
+            answers = {
+                a.id: (a.approved, a.reason)
+                for a in await self.store.approvals(turn.id)
+                if a.approved is not None and a.id in started.paused.approval_ids
+            }
+            resume = Resume(started.paused.state, answers)
         if started is None:
             current = await self.store.get_turn(turn.id)
             if current.status.active:
                 return _Outcome.RETRY
             await close_stream(self.events, current, self.settings.stream_retention)
             return _Outcome.DONE
-        abandoned = await self._attempt(started, key, history)
+        with logs.about_turn(started.id, started.session_id, started.attempt):
+            abandoned = await self._attempt(started, key, _Earlier(history, cli_session, resume))
         return _Outcome.ABANDONED if abandoned else _Outcome.DONE
 
-    async def _attempt(self, turn: TurnRecord, key: str, history: list[MessageRecord]) -> bool:
+    async def _attempt(self, turn: TurnRecord, key: str, earlier: _Earlier) -> bool:
         """Run one attempt; returns True when it was abandoned for shutdown."""
         retention = self.settings.stream_retention
         # Fence out every older attempt before reading where the log ends: a
@@ -216,6 +284,9 @@ class TurnRunner:
         lost = not info.exists and turn.attempt > 1
         last = (turn.attempt - 1) * SEQ_EPOCH if lost else info.last_seq
         assembler = Assembler()
+        paused_at = turn.paused.attempt if turn.paused is not None else 0
+        if turn.paused is not None:
+            assembler.restore(turn.paused.parts)
         writer = FrameWriter(
             self.events,
             turn.id,
@@ -229,12 +300,18 @@ class TurnRunner:
         try:
             if lost:
                 writer.add(chunks.data("stream-reset", {"seq": last + 1}, transient=True))
-            if last == 0 or lost:
+            if last == 0 or lost or turn.attempt == paused_at + 1:
+                # (after a pause, the continuation's readers begin here too)
                 writer.add(chunks.start(turn.assistant_message_id))
-            if turn.attempt > 1:
+            if turn.attempt > paused_at + 1:
                 writer.add(chunks.data("turn-retry", {"attempt": turn.attempt}, transient=True))
+            if turn.paused is not None and (lost or turn.attempt > paused_at + 1):
+                # A reader rebuilds the message from here (a retry or a reset
+                # starts it over), but this attempt goes on from the pause:
+                # give it the message up to the pause again.
+                writer.add(*assembler.snapshot())
             await writer.flush()
-            return await self._run_attempt(turn, key, history, assembler, writer)
+            return await self._run_attempt(turn, key, earlier, assembler, writer)
         except StaleWriter:
             return False  # a newer attempt claimed the log: it owns the turn
         finally:
@@ -244,24 +321,26 @@ class TurnRunner:
         self,
         turn: TurnRecord,
         key: str,
-        history: list[MessageRecord],
+        earlier: _Earlier,
         assembler: Assembler,
         writer: FrameWriter,
     ) -> bool:
         loop = asyncio.get_running_loop()
         began = loop.time()
         task = asyncio.create_task(
-            self._drive(turn, history, assembler, writer), name=f"turn:{turn.id}"
+            self._drive(turn, earlier, assembler, writer), name=f"turn:{turn.id}"
         )
         run = self.running.add(turn.id, task)
         writer.on_fenced = lambda: run.stop(StopReason.LEASE_LOST)
         if turn.cancel_requested:
             run.stop(StopReason.CANCEL)
-        beat = asyncio.create_task(self._heartbeat(turn, run, key, assembler, writer))
+        done = asyncio.Event()  # the attempt is over: the heartbeat stops
+        beat = asyncio.create_task(self._heartbeat(turn, run, key, assembler, writer, done))
         self.metrics.active_turns.inc()
         status, error = TurnStatus.COMPLETED, None
+        paused: _Paused | None = None
         try:
-            await task
+            paused = await task
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -280,14 +359,18 @@ class TurnRunner:
             log.exception("turn %s failed", turn.id)
             status, error = TurnStatus.FAILED, f"internal error ({type(exc).__name__})"
         finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
-            self.running.remove(turn.id)
-            self.metrics.active_turns.dec()
+            try:
+                await self._stop_heartbeat(turn, beat, done)
+            finally:
+                self.running.remove(turn.id)
+                self.metrics.active_turns.dec()
 
         writer.add(*assembler.close())
         await writer.flush()
+        if paused is not None:
+            if await self._pause(turn, paused, assembler, writer):
+                return False
+            status = TurnStatus.CANCELLED  # not paused: a cancel came first
         outcome = TurnOutcome(
             status,
             content=assembler.content,
@@ -298,8 +381,39 @@ class TurnRunner:
         if await self._finish(turn, outcome):
             # The terminal append also gives the log its retention.
             await writer.write_now(*terminal_chunks(status, error, assembler.usage))
-            self.metrics.turn_finished(status.value, loop.time() - began)
+            took = loop.time() - began
+            self.metrics.turn_finished(status.value, took)
+            log.info("turn %s %s in %.2f s (attempt %d)", turn.id, status.value, took, turn.attempt)
         return False
+
+    async def _pause(
+        self, turn: TurnRecord, paused: _Paused, assembler: Assembler, writer: FrameWriter
+    ) -> bool:
+        """Persist the pause and end the readers' streams; False when a cancel
+        was asked first (the turn ends cancelled instead). A fenced-out attempt
+        raises ``StaleWriter`` at its next write, as anywhere else."""
+        pause = TurnPause(
+            attempt=turn.attempt,
+            seq=writer.last_seq + 1,  # the pause frame
+            state=paused.state,
+            content=assembler.content,
+            parts=persisted_parts(assembler.parts),
+            approval_ids=[r.id for r in paused.requests],
+        )
+        expires = datetime.now(UTC) + timedelta(seconds=self.settings.approval_timeout)
+        if not await self.store.pause_turn(turn.id, turn.attempt, pause, paused.requests, expires):
+            current = await self.store.get_turn(turn.id)
+            if current.attempt != turn.attempt or not current.status.active:
+                raise StaleWriter(f"turn {turn.id}: attempt {turn.attempt} no longer holds it")
+            return False
+        await writer.write_now(chunks.pause())
+        log.info(
+            "turn %s paused for %d approval(s): %s",
+            turn.id,
+            len(paused.requests),
+            ", ".join(r.tool_name for r in paused.requests),
+        )
+        return True
 
     async def _finish(self, turn: TurnRecord, outcome: TurnOutcome) -> bool:
         """The terminal CAS, retried through a short database outage. A retry
@@ -312,7 +426,13 @@ class TurnRunner:
         delay = 0.1
         while True:
             try:
-                won = await self.store.finish_turn(turn.id, turn.attempt, outcome)
+                with tracing.span(
+                    "turn.finish",
+                    turn_id=turn.id,
+                    attempt=turn.attempt,
+                    status=outcome.status.value,
+                ):
+                    won = await self.store.finish_turn(turn.id, turn.attempt, outcome)
                 break
             except BackendUnavailable as exc:
                 if loop.time() + delay > deadline:
@@ -329,10 +449,10 @@ class TurnRunner:
     async def _drive(
         self,
         turn: TurnRecord,
-        history: list[MessageRecord],
+        earlier: _Earlier,
         assembler: Assembler,
         writer: FrameWriter,
-    ) -> None:
+    ) -> _Paused | None:
         model = ModelRef.parse(turn.model)
         runtime = self.runtimes.get(model.provider)
         if runtime is None:
@@ -345,29 +465,80 @@ class TurnRunner:
             model=model,
             system_prompt=self.settings.system_prompt,
             user_text=turn.user_text,
-            history=history,
+            seq=turn.seq,
+            history=earlier.history,
             history_tokens=self.settings.history_tokens,
+            cli_session_id=earlier.cli_session,
+            record_cli_session=functools.partial(self.store.set_cli_session, turn.session_id),
+            resume=earlier.resume,
+            take_steers=functools.partial(self.store.take_steers, turn.id, turn.attempt),
         )
+        paused: _Paused | None = None
+        requests: list[NewApproval] = []
         # aclosing: on cancel or timeout the runtime's generator is closed at once,
         # so it closes the model's HTTP stream or ends its child process.
-        async with (
-            asyncio.timeout(self.settings.turn_timeout),
-            contextlib.aclosing(runtime.run(ctx)) as events,
-        ):
-            async for event in events:
-                writer.add(*assembler.feed(event))
+        spans = tracing.EventSpans() if tracing.enabled() else None
+        try:
+            async with (
+                asyncio.timeout(self.settings.turn_timeout),
+                contextlib.aclosing(runtime.run(ctx)) as events,
+            ):
+                async for event in events:
+                    if isinstance(event, Pause):
+                        paused = _Paused(event.state, requests)
+                        break
+                    if isinstance(event, ApprovalRequest):
+                        requests.append(
+                            NewApproval(
+                                event.approval_id, event.call_id, event.tool_name, event.input
+                            )
+                        )
+                    writer.add(*assembler.feed(event))
+                    if spans is not None:
+                        spans.feed(event)
+        finally:
+            if spans is not None:
+                spans.close()
         await writer.flush()
+        return paused if paused is not None and requests else None
+
+    async def _stop_heartbeat(
+        self, turn: TurnRecord, beat: asyncio.Task[None], done: asyncio.Event
+    ) -> None:
+        """Stop the heartbeat, and never wait on it for long: under a heavy load
+        a cancelled heartbeat was seen not to end (its cancellation lost inside
+        a backend call), and the attempt then never wrote its end. The flag
+        ends its loop at the next round whatever became of the cancellation."""
+        done.set()
+        beat.cancel()
+        finished, _ = await asyncio.wait({beat}, timeout=HEARTBEAT_STOP_WAIT)
+        if not finished:
+            log.warning(
+                "turn %s: the heartbeat did not stop within %g s; going on without it",
+                turn.id,
+                HEARTBEAT_STOP_WAIT,
+            )
+        elif not beat.cancelled() and beat.exception() is not None:
+            log.warning("turn %s: the heartbeat failed: %r", turn.id, beat.exception())
 
     async def _heartbeat(
-        self, turn: TurnRecord, run: Run, key: str, assembler: Assembler, writer: FrameWriter
+        self,
+        turn: TurnRecord,
+        run: Run,
+        key: str,
+        assembler: Assembler,
+        writer: FrameWriter,
+        done: asyncio.Event,
     ) -> None:
         """Every TTL/3: keep the lease and the stream alive (restoring a stream
         Redis lost), notice a missed cancel or a deleted turn, and checkpoint the
         answer so far (``GET /sessions/{id}`` shows it while the turn runs)."""
         interval = self.settings.lease_ttl / 3
         saved = 0
-        while True:
+        while not done.is_set():
             await asyncio.sleep(interval)
+            if done.is_set():
+                return
             try:
                 ttl = self.settings.lease_ttl
                 # A failed refresh may mean Redis restarted empty: take the lease

@@ -43,6 +43,7 @@ from datetime import UTC, datetime, timedelta
 from turnrelay.errors import TurnrelayError
 from turnrelay.events.base import EventLog
 from turnrelay.executor.registry import RunningTurns, StopReason
+from turnrelay.executor.registry import holding as held_as
 from turnrelay.executor.runner import REPUBLISH_AFTER, TurnRunner
 from turnrelay.lease.base import Lease
 from turnrelay.lifecycle import session_lease_key
@@ -51,6 +52,7 @@ from turnrelay.queue.base import Delivery, TurnMessage, TurnQueue
 from turnrelay.runtime.base import AgentRuntime
 from turnrelay.settings import Settings
 from turnrelay.store.base import ExecutorStore
+from turnrelay.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,15 @@ class Executor:
             running=self.running,
             metrics=metrics,
         )
+        self.webhooks: WebhookSender | None = None
+        if settings.webhook_secret:
+            self.webhooks = WebhookSender(
+                store,
+                secret=settings.webhook_secret,
+                allow_private=settings.webhook_allow_private,
+                retry_base=settings.webhook_retry_base,
+                max_attempts=settings.webhook_max_attempts,
+            )
         self._stopping = asyncio.Event()
         self._busy = 0
         self._takeovers: asyncio.Queue[TakeoverDelivery] = asyncio.Queue()
@@ -135,6 +146,8 @@ class Executor:
             asyncio.create_task(self._listen_cancels(), name="cancel-listener"),
             asyncio.create_task(self._sweep_loop(), name="sweeper"),
         ]
+        if self.webhooks is not None:
+            helpers.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
         workers = [
             asyncio.create_task(self._work(until_idle), name=f"worker-{i}")
             for i in range(self.settings.num_workers)
@@ -214,7 +227,9 @@ class Executor:
                 await asyncio.sleep(1.0)
 
     async def _beat(self) -> None:
-        holding = [f"{turn_id} {session_id}" for turn_id, session_id in self.running.held.items()]
+        holding = [
+            held_as(turn_id, session_id) for turn_id, session_id in self.running.held.items()
+        ]
         await self.lease.beat(self.id, self.settings.liveness_ttl, holding)
 
     async def _beat_loop(self) -> None:
@@ -265,6 +280,12 @@ class Executor:
     async def sweep(self, *, startup: bool = False) -> int:
         """Publish the session heads that no message carries (module docstring)."""
         published = 0
+        # Approval requests nobody answered in time count as denied; a turn
+        # whose last request that was goes on, on whichever executor gets it.
+        reason = f"no answer within {self.settings.approval_timeout:g} s"
+        for turn in await self.store.expire_approvals(datetime.now(UTC), reason):
+            await self.queue.publish(TurnMessage(turn.id, turn.session_id))
+            published += 1
         for head in await self.store.undispatched_heads():
             published += await self._publish_head(head.session_id)
         cutoff = datetime.now(UTC) - timedelta(seconds=REPUBLISH_AFTER)
@@ -278,8 +299,16 @@ class Executor:
                     published += 1
             return published
         held_since = datetime.now(UTC) - timedelta(seconds=self.settings.lease_ttl)
+        # A lease can lapse under a live executor that was slow to refresh it
+        # (an overloaded event loop, a slow start): that executor still runs
+        # the turn, and a republish would start a second attempt fencing out a
+        # healthy one. What live executors hold is theirs; the reaper takes
+        # what dead ones held.
+        held = await self.lease.live_holdings()
         for turn in await self.store.dispatched_active(running_only=True):
-            if (turn.started_at or turn.created_at) > held_since:
+            if turn.waiting or (turn.started_at or turn.created_at) > held_since:
+                continue  # (a turn waiting for approvals holds no lease)
+            if held_as(turn.id, turn.session_id) in held:
                 continue
             if await self.lease.holder(session_lease_key(turn.session_id)) is None:
                 await self.queue.publish(TurnMessage(turn.id, turn.session_id))
@@ -289,7 +318,11 @@ class Executor:
     async def _publish_head(
         self, session_id: str, *, republish_before: datetime | None = None
     ) -> int:
-        head = await self.store.dispatch_next(session_id, republish_before=republish_before)
+        head = await self.store.dispatch_next(
+            session_id,
+            republish_before=republish_before,
+            max_running_per_user=self.settings.max_running_turns_per_user,
+        )
         if head is None:
             return 0
         await self.queue.publish(TurnMessage(head.id, head.session_id))

@@ -51,6 +51,10 @@ class Lease(Protocol):
         """``owner`` is alive for ``ttl`` more seconds and holds ``holding``."""
         ...
 
+    async def live_holdings(self) -> set[str]:
+        """What the owners that are alive hold (each one's last ``beat``)."""
+        ...
+
     async def reap(self) -> list[str]:
         """What owners whose liveness lapsed held; each owner's holdings go to
         exactly one caller, and the owner is forgotten until it beats again."""

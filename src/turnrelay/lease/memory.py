@@ -71,6 +71,13 @@ class MemoryLease:
         self._alive[owner] = now + ttl
         self._holdings[owner] = (list(holding), now + max(ttl, HOLDINGS_TTL))
 
+    async def live_holdings(self) -> set[str]:
+        held: set[str] = set()
+        for owner, (items, _) in self._holdings.items():
+            if self._is_alive(owner):
+                held.update(items)
+        return held
+
     async def reap(self) -> list[str]:
         now = self._clock.now()
         reaped: list[str] = []

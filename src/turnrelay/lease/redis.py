@@ -168,6 +168,24 @@ class RedisLease:
                 pipe.sadd(self.owners_key, owner)
                 await pipe.execute()
 
+    async def live_holdings(self) -> set[str]:
+        client = self._redis
+        held: set[str] = set()
+        with redis_errors(self._safe_url):
+            owners: Any = await retry_once(lambda: client.smembers(self.owners_key))
+            if not owners:
+                return held
+            ordered = sorted(owners)
+            async with client.pipeline(transaction=False) as pipe:
+                for owner in ordered:
+                    pipe.exists(self.alive_key(owner))
+                    pipe.get(self.holds_key(owner))
+                answers = await pipe.execute()
+        for alive, items in zip(answers[::2], answers[1::2], strict=True):
+            if alive and items:
+                held.update(str(item) for item in json.loads(items))
+        return held
+
     async def reap(self) -> list[str]:
         client = self._redis
         script = self._script("reap")

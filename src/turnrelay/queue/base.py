@@ -14,8 +14,8 @@ bound to a fanout exchange).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -23,6 +23,9 @@ from typing import Protocol
 class TurnMessage:
     turn_id: str
     session_id: str
+    # The publisher's trace context (W3C ``traceparent``/``tracestate``), carried
+    # as message headers; empty when tracing is off.
+    trace: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 class Delivery(Protocol):

@@ -46,7 +46,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aio_pika
@@ -107,9 +107,19 @@ def encode(message: TurnMessage) -> bytes:
     return json.dumps({"turn_id": message.turn_id, "session_id": message.session_id}).encode()
 
 
-def decode(body: bytes) -> TurnMessage:
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def decode(body: bytes, headers: Mapping[str, Any] | None = None) -> TurnMessage:
     data = json.loads(body)
-    return TurnMessage(turn_id=str(data["turn_id"]), session_id=str(data["session_id"]))
+    trace = {
+        k: v.decode() if isinstance(v, bytes) else v
+        for k, v in (headers or {}).items()
+        if k in TRACE_HEADERS and isinstance(v, str | bytes)
+    }
+    return TurnMessage(
+        turn_id=str(data["turn_id"]), session_id=str(data["session_id"]), trace=trace
+    )
 
 
 class RabbitDelivery:
@@ -318,6 +328,7 @@ class RabbitTurnQueue:
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message.turn_id,
+            headers=dict(message.trace) or None,
         )
         await self._confirm(exchange, routing_key, amqp_message, mandatory=True, what=what)
 
@@ -408,7 +419,7 @@ class RabbitTurnQueue:
             await incoming.nack(requeue=True)
             return
         try:
-            message = decode(incoming.body)
+            message = decode(incoming.body, incoming.headers)
         except (ValueError, KeyError, TypeError):
             log.error("dropping a malformed turn message: %r", incoming.body[:200])
             await incoming.reject(requeue=False)
@@ -439,6 +450,12 @@ class RabbitTurnQueue:
         stop = asyncio.ensure_future(self._stopped.wait())
         try:
             await asyncio.wait((get, stop), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # Cancelled just as the buffer handed this receiver a delivery: give
+            # it back, or it would sit unacked until the channel closes.
+            if get.done() and not get.cancelled():
+                self._buffer.put_nowait(get.result())
+            raise
         finally:
             stop.cancel()
             if not get.done():

@@ -14,12 +14,12 @@ resources (close the model's HTTP stream, end a child process) on it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from turnrelay.settings import ModelRef
-from turnrelay.store.base import MessageRecord
+from turnrelay.store.base import MessageRecord, Steer
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +76,52 @@ class ToolFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalRequest:
+    """The call (already shown by ``ToolCall``) waits for the user's approval."""
+
+    call_id: str
+    approval_id: str
+    tool_name: str
+    input: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalAnswered:
+    """The user's answer to a request, as the continuing attempt found it."""
+
+    call_id: str
+    approval_id: str
+    approved: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolDenied:
+    """The call was not run: the user denied it (or did not answer in time)."""
+
+    call_id: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SteerEntered:
+    """A message the user sent while the turn ran went into it here: the model's
+    next request has it as a user message."""
+
+    message_id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """The runtime's last event when it holds calls back: the turn stops until
+    every ``ApprovalRequest`` is answered, then continues from ``state`` (JSON)
+    in a later attempt, on any executor (``TurnContext.resume``)."""
+
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
@@ -91,8 +137,22 @@ RuntimeEvent = (
     | ToolCall
     | ToolResult
     | ToolFailed
+    | ApprovalRequest
+    | ApprovalAnswered
+    | ToolDenied
+    | SteerEntered
+    | Pause
     | Usage
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """What a paused turn continues from: the runtime's ``Pause.state`` and the
+    answers, ``approval_id -> (approved, reason)``."""
+
+    state: dict[str, Any]
+    answers: dict[str, tuple[bool, str | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +164,20 @@ class TurnContext:
     model: ModelRef
     system_prompt: str
     user_text: str
+    seq: int = 1  # the turn's position in its session
     # The session's earlier turns (``seq`` below this turn's), oldest first.
     history: list[MessageRecord] = field(default_factory=list)
     history_tokens: int = 32000
+    # The Claude Code CLI's session that the session's last stored transcript
+    # belongs to, and how to record a new one (runtime ``claude``).
+    cli_session_id: str | None = None
+    record_cli_session: Callable[[str], Awaitable[None]] | None = None
+    # Set when this attempt continues a turn that paused for approvals.
+    resume: Resume | None = None
+    # Steering: before model request ``step`` (from 1), the messages the user
+    # sent meanwhile, and every one the turn took before (a retry starts over);
+    # a runtime inserts each once, before the request of its ``step``.
+    take_steers: Callable[[int], Awaitable[list[Steer]]] | None = None
 
 
 class AgentRuntime(Protocol):

@@ -30,9 +30,19 @@ no settings, hooks or ``CLAUDE.md`` are loaded from disk (``setting_sources=[]``
 the working directory holds user data, never configuration. The prompt is
 delivered verbatim: no ``@path`` expansion or slash commands from user text.
 
-Until transcripts are stored, the session's earlier turns come from the database,
-bounded by ``TURNRELAY_HISTORY_TOKENS``, as a section of the system prompt; the
-user message stays this turn's text alone.
+Earlier turns reach the model as the CLI's own conversation: the session's
+transcript (``turnrelay.transcript``), stored in object storage at each turn's
+end (stripped of bookkeeping entries, a create-only write keyed on the turn's
+seq and attempt), is written into the session's directory and resumed with
+``--resume``; entries are mirrored to the store during the turn. A missing or
+invalid transcript falls back to a fresh CLI session with the database history,
+bounded by ``TURNRELAY_HISTORY_TOKENS``, as a section of the system prompt; a
+transcript the CLI refuses is quarantined and the turn run once without it. That
+section is stored with the new CLI session and given again on each of its resumes:
+its transcript starts after those turns. The CLI session resumed is the one
+whose compacted transcript is the store's newest (highest seq, then attempt);
+the session row's record is the fallback: an attempt that wakes up after its
+retry finished records its own, older one.
 
 Events. Partial messages are on, so text and reasoning arrive as deltas and tool
 arguments as ``input_json_delta`` pieces. Each model request starts a step; tool
@@ -57,8 +67,10 @@ import logging
 import re
 import shutil
 import tempfile
+import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +86,7 @@ from claude_agent_sdk import (
     ProcessError,
     ResultMessage,
     SdkMcpTool,
+    SessionStore,
     StreamEvent,
     TextBlock,
     ThinkingBlock,
@@ -81,9 +94,11 @@ from claude_agent_sdk import (
     ToolUseBlock,
     UserMessage,
     create_sdk_mcp_server,
+    project_key_for_directory,
 )
+from claude_agent_sdk.types import SessionKey, SessionStoreEntry
 
-from turnrelay.errors import ConfigError, ModelError, RuntimeFailure
+from turnrelay.errors import ConfigError, ModelError, RuntimeFailure, TurnrelayError
 from turnrelay.runtime.base import (
     ReasoningDelta,
     RuntimeEvent,
@@ -100,8 +115,11 @@ from turnrelay.runtime.base import (
 )
 from turnrelay.runtime.confine import QUIET_ENV, check_sandbox, path_guard, write_launcher
 from turnrelay.runtime.history import bound_history
+from turnrelay.storage.base import ObjectStore
 from turnrelay.tools.base import ToolContext, session_directory
 from turnrelay.tools.registry import ToolRegistry
+from turnrelay.transcript.store import TranscriptStore
+from turnrelay.transcript.strip import STRIPPED, strip, transcript_problem
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +129,10 @@ MCP_PREFIX = f"mcp__{MCP_SERVER}__"
 # An interrupt is a control request the CLI answers at once; past this, closing
 # its input and then signals end it anyway.
 INTERRUPT_TIMEOUT = 2.0
+# The project key of every stored transcript. The SDK's default (the working
+# directory's path) would tie a session to one sandbox path; one chat session has
+# one working directory anyway, and the transcript store is scoped to it.
+STORED_PROJECT = "turnrelay"
 # Lines of the CLI's stderr kept for the message of a failed turn.
 STDERR_LINES = 20
 _TOOL_USE_ERROR = re.compile(r"</?tool_use_error>")
@@ -132,12 +154,18 @@ class ClaudeRuntime:
         max_tool_steps: int = 8,
         cli_path: str | None = None,
         bwrap: str | None = None,
+        objects: ObjectStore,
+        strip_types: frozenset[str] = STRIPPED,
     ) -> None:
         """``sandbox_dir`` must be absolute and the same on every executor.
         ``cli_tools`` names the CLI's built-in tools to enable (none by default).
         ``cli_path``: the CLI to run (default: the one the SDK bundles).
-        ``bwrap``: bubblewrap, to confine the CLI; required by ``Bash``."""
+        ``bwrap``: bubblewrap, to confine the CLI; required by ``Bash``.
+        ``objects``: where the sessions' transcripts are stored; ``strip_types``: the
+        transcript entry types dropped before they are stored."""
         self.sandbox_dir = sandbox_dir
+        self.objects = objects
+        self.strip_types = strip_types
         self.tools = tools if tools is not None else ToolRegistry()
         self.cli_tools = list(cli_tools)
         self.max_tool_steps = max_tool_steps
@@ -184,9 +212,151 @@ class ClaudeRuntime:
     async def run(self, ctx: TurnContext) -> AsyncGenerator[RuntimeEvent, None]:
         workdir = session_directory(self.sandbox_dir, ctx.session_id)
         workdir.mkdir(parents=True, exist_ok=True)
+        transcripts = TranscriptStore(
+            self.objects,
+            user_id=ctx.user_id,
+            session_id=ctx.session_id,
+            seq=ctx.seq,
+            attempt=ctx.attempt,
+        )
+        local = _Local(workdir, project_key_for_directory(workdir))
+        resume, earlier = await self._materialise(ctx, transcripts, local)
+        if resume is None:
+            earlier = history_section(ctx)
+        cli_id = resume or str(uuid.uuid4())
+        try:
+            try:
+                async for event in self._turn(ctx, workdir, transcripts, cli_id, resume, earlier):
+                    yield event
+            except _ResumeRefused as refused:
+                assert resume is not None
+                # Kept for inspection, out of the way of every later turn.
+                where = await transcripts.quarantine(_key(local, resume))
+                log.warning(
+                    "session %s: the CLI refused to resume %s (%s); transcript kept at %s, "
+                    "running the turn once more as a fresh session with the stored history",
+                    ctx.session_id,
+                    resume,
+                    refused.detail,
+                    where,
+                )
+                cli_id, resume, earlier = str(uuid.uuid4()), None, history_section(ctx)
+                async for event in self._turn(ctx, workdir, transcripts, cli_id, None, earlier):
+                    yield event
+        finally:
+            # Also on a failure or a cancel: what the CLI wrote up to then is the
+            # conversation the next turn continues, like the database's partial answer.
+            saving = asyncio.ensure_future(self._save(ctx, transcripts, local, cli_id, earlier))
+            try:
+                await asyncio.shield(saving)
+            except asyncio.CancelledError:
+                saving.add_done_callback(_log_close_failure)
+                raise
+
+    async def _materialise(
+        self, ctx: TurnContext, transcripts: TranscriptStore, local: _Local
+    ) -> tuple[str | None, str]:
+        """Write the session's stored transcript where the CLI resumes it from (inside
+        the session's directory); the CLI session id to resume and the earlier turns
+        it began with, or ``(None, "")`` for a fresh session (the database history
+        then goes into the system prompt)."""
+        # The store has the last word: an attempt that woke up after its retry
+        # finished may have recorded its own (older) CLI session on the row.
+        newest = await transcripts.newest_cli_session(STORED_PROJECT)
+        if newest is not None and newest != ctx.cli_session_id:
+            log.warning(
+                "session %s: the newest stored transcript is CLI session %s's, not the "
+                "recorded %s's (a stale attempt recorded it); resuming %s",
+                ctx.session_id,
+                newest,
+                ctx.cli_session_id,
+                newest,
+            )
+        cli = newest or ctx.cli_session_id
+        if cli is None:
+            return None, ""
+        if not _is_uuid(cli):
+            log.warning("session %s: recorded CLI session %r is not a UUID", ctx.session_id, cli)
+            return None, ""
+        data = await transcripts.load_bytes(_key(local, cli))
+        if data is None:
+            log.warning(
+                "session %s: no stored transcript for CLI session %s; starting a fresh "
+                "session with the database history",
+                ctx.session_id,
+                cli,
+            )
+            return None, ""
+        problem = transcript_problem(data)
+        if problem is not None:
+            where = await transcripts.quarantine(_key(local, cli))
+            log.warning(
+                "session %s: stored transcript of CLI session %s is unusable (%s); kept at "
+                "%s, starting a fresh session with the database history",
+                ctx.session_id,
+                cli,
+                problem,
+                where,
+            )
+            return None, ""
+        path = local.transcript(cli)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return cli, await transcripts.history(_key(local, cli))
+
+    async def _save(
+        self,
+        ctx: TurnContext,
+        transcripts: TranscriptStore,
+        local: _Local,
+        cli_id: str,
+        earlier: str,
+    ) -> None:
+        """Compact what the CLI wrote this turn into the store, and record its session
+        (a new one with the earlier turns it began with)."""
+        path = local.transcript(cli_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            log.info("session %s: the CLI wrote no transcript this turn", ctx.session_id)
+            return
+        problem = transcript_problem(data)
+        if problem is not None:
+            log.info("session %s: not storing this turn's transcript: %s", ctx.session_id, problem)
+            return
+        new = cli_id != ctx.cli_session_id
+        try:
+            if new and earlier:
+                await transcripts.put_history(_key(local, cli_id), earlier)
+            await transcripts.compact(_key(local, cli_id), strip(data, self.strip_types))
+            if new and ctx.record_cli_session is not None:
+                await ctx.record_cli_session(cli_id)
+        except TurnrelayError as exc:
+            log.warning("session %s: storing the transcript failed: %s", ctx.session_id, exc.detail)
+
+    async def _turn(
+        self,
+        ctx: TurnContext,
+        workdir: Path,
+        transcripts: TranscriptStore,
+        cli_id: str,
+        resume: str | None,
+        earlier: str,
+    ) -> AsyncGenerator[RuntimeEvent, None]:
+        """One CLI process running the turn, the ``earlier`` turns in its system
+        prompt; ``_ResumeRefused`` when it would not resume ``resume`` (before it
+        produced anything)."""
         tool_context = ToolContext(ctx.user_id, ctx.session_id, ctx.turn_id, workdir)
         stderr: deque[str] = deque(maxlen=STDERR_LINES)
-        client = ClaudeSDKClient(self._options(ctx, workdir, tool_context, stderr))
+        options = self._options(ctx, workdir, tool_context, stderr)
+        options.session_store = _Mirror(transcripts)  # type: ignore[abstract]
+        options.session_store_flush = "eager"
+        options.system_prompt = system_prompt(ctx.system_prompt, earlier)
+        if resume is not None:
+            options.resume = resume
+        else:
+            options.session_id = cli_id
+        client = ClaudeSDKClient(options)
         translator = _Translator(self.max_tool_steps + 1)
         finished = False
         try:
@@ -197,7 +367,12 @@ class ClaudeRuntime:
                     for event in translator.feed(message):
                         yield event
             except ClaudeSDKError as exc:
-                raise _failure(exc, stderr) from exc
+                failure = _failure(exc, stderr)
+                if resume is not None and translator.silent:
+                    raise _ResumeRefused(failure.detail) from exc
+                raise failure from exc
+            if resume is not None and translator.silent and translator.refused_resume():
+                raise _ResumeRefused(translator.failure_detail())
             for event in translator.finish():
                 yield event
             finished = True
@@ -242,7 +417,7 @@ class ClaudeRuntime:
             strict_mcp_config=True,
             permission_mode="dontAsk",
             setting_sources=[],
-            system_prompt=system_prompt(ctx),
+            system_prompt=ctx.system_prompt,
             model=ctx.model.name,
             cwd=str(workdir),
             env=env,
@@ -259,6 +434,19 @@ class ClaudeRuntime:
 
         def handler(name: str) -> Any:
             async def call(arguments: dict[str, Any]) -> dict[str, Any]:
+                if registry.needs_approval(name, arguments):
+                    # This runtime cannot hold a call for the user's answer yet:
+                    # refuse it rather than run it unasked.
+                    return {
+                        "content": [
+                            {
+                                "type": "text",
+                                "text": f"Tool {name!r} needs the user's approval, which "
+                                "this runtime cannot ask for; it was not run.",
+                            }
+                        ],
+                        "is_error": True,
+                    }
                 outcome = await registry.call(name, arguments, context)
                 return {
                     "content": [{"type": "text", "text": outcome.text}],
@@ -276,21 +464,75 @@ class ClaudeRuntime:
         return create_sdk_mcp_server(MCP_SERVER, tools=tools)
 
 
-def system_prompt(ctx: TurnContext) -> str:
-    """The configured prompt, then the session's earlier turns (bounded), if any."""
+def history_section(ctx: TurnContext) -> str:
+    """The session's earlier turns (bounded) as system-prompt text; ``""`` if none."""
     earlier = bound_history(ctx.history, ctx.history_tokens)
     if not earlier:
-        return ctx.system_prompt
+        return ""
     lines = [
-        ctx.system_prompt,
-        "",
         "This conversation began before this message. Its earlier turns, oldest first:",
         "<conversation>",
     ]
     for record in earlier:
         lines += [f"<{record.role}>", record.content, f"</{record.role}>"]
     lines.append("</conversation>")
-    return "\n".join(lines).strip()
+    return "\n".join(lines)
+
+
+def system_prompt(configured: str, earlier: str) -> str:
+    """The configured prompt, then the earlier turns' section, if any."""
+    return f"{configured}\n\n{earlier}".strip() if earlier else configured
+
+
+class _ResumeRefused(Exception):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class _Local:
+    """Where the CLI keeps a session's transcripts on this executor's disk."""
+
+    workdir: Path
+    project_key: str  # the SDK's (and the CLI's) key for the working directory
+
+    def transcript(self, cli_id: str) -> Path:
+        if not _is_uuid(cli_id):
+            raise RuntimeFailure(f"CLI session id {cli_id[:40]!r} is not a UUID")
+        path = self.workdir / ".claude" / "projects" / self.project_key / f"{cli_id}.jsonl"
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.workdir.resolve()):
+            raise RuntimeFailure(f"transcript path {resolved} is outside the session's directory")
+        return resolved
+
+
+def _key(local: _Local, cli_id: str) -> SessionKey:
+    return {"project_key": STORED_PROJECT, "session_id": cli_id}
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+class _Mirror(SessionStore):
+    """The transcript store as the SDK's mirror during a turn: the CLI's entries are
+    appended as it writes them. ``load`` answers ``None`` because the runtime has
+    already materialised the transcript inside the session's directory: the SDK's
+    own materialiser writes into this process's temporary directory, outside the
+    sandbox (and invisible to a CLI confined by bubblewrap)."""
+
+    def __init__(self, store: TranscriptStore) -> None:
+        self.store = store
+
+    async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
+        await self.store.append({**key, "project_key": STORED_PROJECT}, entries)
+
+    async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
+        return None
 
 
 class _Translator:
@@ -306,8 +548,31 @@ class _Translator:
         self._open_text: str | None = None
         self._blocks: dict[int, str] = {}  # content block index -> tool call id
         self._calls: dict[str, str] = {}  # tool call id -> name as the CLI knows it
+        self.silent = True  # no event yet
+
+    def refused_resume(self) -> bool:
+        """The CLI's result says it ended before the first model call (how it
+        answers a ``--resume`` of a transcript it cannot read)."""
+        result = self.result
+        return (
+            result is not None
+            and result.is_error
+            and result.subtype == "error_during_execution"
+            and result.num_turns == 0
+        )
+
+    def failure_detail(self) -> str:
+        result = self.result
+        errors = "; ".join(result.errors or ()) if result is not None else ""
+        return _one_line(errors or self.failure or "the CLI ended before the model call")
 
     def feed(self, message: Any) -> list[RuntimeEvent]:
+        events = self._feed(message)
+        if events:
+            self.silent = False
+        return events
+
+    def _feed(self, message: Any) -> list[RuntimeEvent]:
         # Messages of subagents (parent_tool_use_id set) stay out of the chat.
         if getattr(message, "parent_tool_use_id", None) is not None:
             return []

@@ -20,6 +20,16 @@ a tool error the model reads, never the end of the turn) and the model steps
 again; the step after the last allowed one is asked for an answer
 (``tool_choice="none"``). The turn ends with one ``Usage`` summed over its steps,
 when the endpoint reported usage.
+
+A call of a tool that needs the user's approval (``ToolRegistry.needs_approval``)
+is not run: it is shown (``ToolCall``), asked for (``ApprovalRequest``), and once
+the step's other calls ran, the runtime yields ``Pause`` with the model messages
+so far and ends. The attempt that continues the turn gets that state back with
+the answers (``TurnContext.resume``): an approved call runs, a denied one
+becomes a tool message saying so, and the loop goes on. Before every model
+request the runtime takes the messages the user sent meanwhile with
+``multitask: steer`` (``TurnContext.take_steers``) into the conversation, as
+user messages (``SteerEntered``).
 Every failure becomes a ``ModelError`` with a one-line message; on cancellation
 the HTTP response is closed, so the endpoint sees the client go away.
 """
@@ -40,12 +50,17 @@ import openai
 
 from turnrelay.errors import ModelError
 from turnrelay.runtime.base import (
+    ApprovalAnswered,
+    ApprovalRequest,
+    Pause,
     ReasoningDelta,
     RuntimeEvent,
+    SteerEntered,
     StepFinish,
     StepStart,
     TextDelta,
     ToolCall,
+    ToolDenied,
     ToolFailed,
     ToolInputDelta,
     ToolInputStart,
@@ -162,17 +177,38 @@ class OpenAIRuntime:
         return self._sdk
 
     async def run(self, ctx: TurnContext) -> AsyncGenerator[RuntimeEvent, None]:
-        messages = build_messages(ctx)
         functions = _functions(self.tools) if self.tools is not None else None
         tool_context = self._tool_context(ctx)
         usage = _StepResult()
         tool_steps = 0
+        requests = 0  # model requests so far (steering counts them from 1)
+        steered: list[str] = []  # the steering messages' ids, inserted once each
         try:
+            if ctx.resume is None:
+                messages = build_messages(ctx)
+            else:
+                # A paused turn goes on where it stopped: the held calls are
+                # answered (run, or denied), then the model steps again.
+                state = ctx.resume.state
+                messages = list(state["messages"])
+                tool_steps = int(state["tool_steps"])
+                requests = int(state.get("requests", 0))
+                steered = list(state.get("steered", []))
+                usage.usage_reported = bool(state["usage"]["reported"])
+                usage.input_tokens = int(state["usage"]["input"])
+                usage.output_tokens = int(state["usage"]["output"])
+                for waiting in state["held"]:
+                    async for event in self._answer(waiting, ctx, tool_context, messages):
+                        yield event
+                yield StepFinish()
             while True:
                 step = _StepResult()
                 # Past the budget, tools stay declared (the history holds calls of
                 # them) but the model is asked to answer.
                 choice = None if functions is None or tool_steps < self.max_tool_steps else "none"
+                requests += 1
+                async for event in self._steers(ctx, requests, messages, steered):
+                    yield event
                 async for event in self._model_step(
                     ctx.model.name, messages, step, functions, choice
                 ):
@@ -186,9 +222,36 @@ class OpenAIRuntime:
                 tool_steps += 1
                 calls = [step.calls[i] for i in sorted(step.calls)]
                 messages.append(_assistant_message(step, calls))
+                held: list[dict[str, Any]] = []
                 for call in calls:
-                    async for event in self._run_call(call, tool_context, messages):
+                    raw = "".join(call.arguments)
+                    if self.tools is not None and self.tools.needs_approval(call.name, raw):
+                        held.append(_hold(call, raw))
+                        yield ToolCall(call.id, call.name, _shown(raw))
+                        yield ApprovalRequest(
+                            call.id, held[-1]["approval_id"], call.name, _shown(raw)
+                        )
+                        continue
+                    async for event in self._run_call(
+                        call.id, call.name, raw, tool_context, messages
+                    ):
                         yield event
+                if held:
+                    yield Pause(
+                        {
+                            "messages": messages,
+                            "tool_steps": tool_steps,
+                            "requests": requests,
+                            "steered": steered,
+                            "usage": {
+                                "reported": usage.usage_reported,
+                                "input": usage.input_tokens,
+                                "output": usage.output_tokens,
+                            },
+                            "held": held,
+                        }
+                    )
+                    return
                 yield StepFinish()
         except asyncio.CancelledError:
             tool_context.cancelled.set()
@@ -196,29 +259,80 @@ class OpenAIRuntime:
         if usage.usage_reported:
             yield Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
 
+    async def _steers(
+        self, ctx: TurnContext, request: int, messages: list[dict[str, Any]], steered: list[str]
+    ) -> AsyncIterator[RuntimeEvent]:
+        """The user's messages sent while the turn ran, into the next request.
+        A retry starts over and gets the earlier attempt's again: each goes in
+        once, at the first request that finds it."""
+        if ctx.take_steers is None:
+            return
+        for steer in await ctx.take_steers(request):
+            if steer.message_id in steered:
+                continue
+            steered.append(steer.message_id)
+            messages.append({"role": "user", "content": steer.text})
+            yield SteerEntered(steer.message_id, steer.text)
+
     def _tool_context(self, ctx: TurnContext) -> ToolContext:
         workdir = session_directory(self.sandbox_dir, ctx.session_id) if self.sandbox_dir else None
         return ToolContext(ctx.user_id, ctx.session_id, ctx.turn_id, workdir)
 
-    async def _run_call(
-        self, call: _Call, context: ToolContext, messages: list[dict[str, Any]]
+    async def _answer(
+        self,
+        held: dict[str, Any],
+        ctx: TurnContext,
+        context: ToolContext,
+        messages: list[dict[str, Any]],
     ) -> AsyncIterator[RuntimeEvent]:
-        raw = "".join(call.arguments)
-        try:
-            shown: Any = json.loads(raw) if raw.strip() else {}
-        except ValueError:
-            shown = raw
-        yield ToolCall(call.id, call.name, shown)
-        if self.tools is None:
-            outcome = ToolOutcome(False, error=f"No tools are offered; {call.name!r} is unknown.")
-        else:
-            outcome = await self.tools.call(call.name, raw, context)
-        yield (
-            ToolResult(call.id, outcome.output)
-            if outcome.ok
-            else ToolFailed(call.id, outcome.error)
+        """A held call, answered: run it when approved, else tell the model it was denied."""
+        assert ctx.resume is not None
+        call_id, name = held["call_id"], held["name"]
+        approved, reason = ctx.resume.answers.get(
+            held["approval_id"], (False, "the request was not answered")
         )
-        messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome.text})
+        yield ApprovalAnswered(call_id, held["approval_id"], approved, reason)
+        if not approved:
+            yield ToolDenied(call_id, reason)
+            why = f": {reason}" if reason else ""
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": call_id,
+                    "content": f"The user denied this call of {name!r}{why}. It was not run; "
+                    "do not call it again for this request.",
+                }
+            )
+            return
+        async for event in self._run_call(
+            call_id, name, held["arguments"], context, messages, shown=True
+        ):
+            yield event
+
+    async def _run_call(
+        self,
+        call_id: str,
+        name: str,
+        raw: str,
+        context: ToolContext,
+        messages: list[dict[str, Any]],
+        *,
+        shown: bool = False,
+    ) -> AsyncIterator[RuntimeEvent]:
+        """Run one call: ``ToolCall`` (unless ``shown`` already), then its
+        ``ToolResult`` or ``ToolFailed``; the model's next request gets the outcome."""
+        if not shown:
+            yield ToolCall(call_id, name, _shown(raw))
+        if self.tools is None:
+            outcome = ToolOutcome(False, error=f"No tools are offered; {name!r} is unknown.")
+        else:
+            outcome = await self.tools.call(name, raw, context)
+        yield (
+            ToolResult(call_id, outcome.output)
+            if outcome.ok
+            else ToolFailed(call_id, outcome.error)
+        )
+        messages.append({"role": "tool", "tool_call_id": call_id, "content": outcome.text})
 
     async def _model_step(
         self,
@@ -276,6 +390,23 @@ class OpenAIRuntime:
             ) from exc
         if not done and step.finish_reason is None:
             raise ModelError(f"the model stream ended early, after {chunks} chunks")
+
+
+def _shown(raw: str) -> Any:
+    """A call's arguments as the stream shows them: the JSON value, else the text."""
+    try:
+        return json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return raw
+
+
+def _hold(call: _Call, raw: str) -> dict[str, Any]:
+    return {
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": raw,
+        "approval_id": f"approval_{uuid.uuid4().hex}",
+    }
 
 
 def _functions(tools: ToolRegistry) -> list[dict[str, Any]]:

@@ -39,6 +39,10 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # unavailable (asyncpg's own default is 60 s, longer than any HTTP client waits).
 POSTGRES_CONNECT_TIMEOUT_S = 10.0
 
+# How long a caller waits for a connection of a bounded pool before the store
+# reports the database unavailable (and the caller may retry).
+POOL_WAIT_S = 10.0
+
 # The execution option marking a writing engine: on SQLite its transactions
 # begin with BEGIN IMMEDIATE.
 WRITE_OPTION = "turnrelay_write"
@@ -94,10 +98,12 @@ async def translate_errors() -> AsyncIterator[None]:
 # engine -----------------------------------------------------------------------------
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, *, pool_size: int | None = None) -> AsyncEngine:
     """An engine for ``url``, configured for the store's concurrency (see module doc).
 
-    Connects lazily, but creates the parent directory of a SQLite file.
+    Connects lazily, but creates the parent directory of a SQLite file. On
+    PostgreSQL ``pool_size`` bounds the connections: exactly that many, no
+    overflow (the db-manager's one pool); ``None`` keeps SQLAlchemy's default.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -107,10 +113,14 @@ def create_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(parsed)
         _configure_sqlite(engine)
         return engine
+    bounds: dict[str, Any] = {}
+    if pool_size is not None:
+        bounds = {"pool_size": pool_size, "max_overflow": 0, "pool_timeout": POOL_WAIT_S}
     return create_async_engine(
         parsed,
         pool_pre_ping=True,
         connect_args={"timeout": POSTGRES_CONNECT_TIMEOUT_S},
+        **bounds,
     )
 
 

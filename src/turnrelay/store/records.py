@@ -10,15 +10,36 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import TypeAdapter
 from sqlalchemy.engine import RowMapping
 
-from turnrelay.store.base import MessageRecord, SessionRecord, TurnRecord, TurnStatus
+from turnrelay.store.base import (
+    ApprovalRecord,
+    MessageRecord,
+    SessionRecord,
+    Steer,
+    TurnPause,
+    TurnRecord,
+    TurnStatus,
+    WebhookDelivery,
+)
 from turnrelay.store.tables import messages, turns
 
 # The statuses of a turn that has not finished: queued or running.
 ACTIVE = (TurnStatus.QUEUED.value, TurnStatus.RUNNING.value)
 
 _user_message = messages.alias("user_message")
+
+
+# Records as JSON and back: a recorded call's answer (``store_calls``) and the
+# db-manager's wire format use the same codecs.
+TURN_OR_NONE: TypeAdapter[TurnRecord | None] = TypeAdapter(TurnRecord | None)
+TURNS: TypeAdapter[list[TurnRecord]] = TypeAdapter(list[TurnRecord])
+BOOL: TypeAdapter[bool] = TypeAdapter(bool)
+NOTHING: TypeAdapter[None] = TypeAdapter(type(None))
+WEBHOOKS: TypeAdapter[list[WebhookDelivery]] = TypeAdapter(list[WebhookDelivery])
+PAUSE: TypeAdapter[TurnPause] = TypeAdapter(TurnPause)
+STEERS: TypeAdapter[list[Steer]] = TypeAdapter(list[Steer])
 
 
 def new_id() -> str:
@@ -51,6 +72,25 @@ def turn_record(m: RowMapping) -> TurnRecord:
         finished_at=m["finished_at"],
         error=m["error"],
         usage=m["usage"],
+        superseded_by=m["superseded_by"],
+        paused=PAUSE.validate_python(m["paused"]) if m["paused"] else None,
+        pending_approvals=m["pending_approvals"],
+        steered_into=m["steered_into"],
+    )
+
+
+def approval_record(m: RowMapping) -> ApprovalRecord:
+    return ApprovalRecord(
+        id=m["id"],
+        turn_id=m["turn_id"],
+        call_id=m["call_id"],
+        tool_name=m["tool_name"],
+        input=m["input"],
+        created_at=m["created_at"],
+        expires_at=m["expires_at"],
+        approved=m["approved"],
+        reason=m["reason"],
+        decided_at=m["decided_at"],
     )
 
 
@@ -75,4 +115,21 @@ def message_record(m: RowMapping) -> MessageRecord:
         parts=list(m["parts"] or []),
         status=TurnStatus(m["status"]),
         created_at=m["created_at"],
+    )
+
+
+def webhook_record(m: RowMapping) -> WebhookDelivery:
+    return WebhookDelivery(
+        id=m["id"],
+        turn_id=m["turn_id"],
+        session_id=m["session_id"],
+        url=m["url"],
+        payload=m["payload"],
+        status=m["status"],
+        attempts=m["attempts"],
+        next_attempt_at=m["next_attempt_at"],
+        created_at=m["created_at"],
+        last_status=m["last_status"],
+        last_error=m["last_error"],
+        delivered_at=m["delivered_at"],
     )

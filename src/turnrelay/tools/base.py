@@ -16,6 +16,12 @@ a child process).
 
 Tools may run again when a turn is retried on another executor: side effects are
 at-least-once.
+
+A tool that acts for the user (sends, writes, deletes) can ask for the user's
+approval before it runs: ``needs_approval = True``, or a function of the
+validated arguments that says whether this call needs it. Such a call is held
+back and the turn waits (``ToolRegistry.needs_approval``); the
+``TURNRELAY_TOOLS_REQUIRING_APPROVAL`` setting asks it of named tools too.
 """
 
 from __future__ import annotations

@@ -203,5 +203,39 @@ def _read(path: Path, name: str, max_chars: int) -> dict[str, Any]:
     return {"path": name, "size": size, "content": text[:max_chars], "truncated": truncated}
 
 
+NOTES_FILE = "notes.md"
+
+
+class SaveNoteArgs(BaseModel):
+    text: str = Field(min_length=1, max_length=4000, description="The note, as plain text.")
+
+
+class SaveNote:
+    """Writes to the session's directory, so it asks the user first: a model
+    must not change what the user keeps without their say."""
+
+    name = "save_note"
+    description = (
+        "Save a note to the user's notes for this conversation. The user is asked to "
+        "approve it first; if they deny it, do not retry."
+    )
+    args_model = SaveNoteArgs
+    needs_approval = True
+
+    async def run(self, args: SaveNoteArgs, context: ToolContext) -> dict[str, Any]:
+        if context.workdir is None:
+            raise ToolError("this executor has no session directories to keep notes in")
+        return await asyncio.to_thread(_append_note, context.workdir, args.text)
+
+
+def _append_note(workdir: Path, text: str) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / NOTES_FILE
+    with path.open("a", encoding="utf-8") as file:
+        file.write(f"- {' '.join(text.split())}\n")
+    count = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line)
+    return {"saved": True, "notes": count}
+
+
 def builtin_tools() -> list[Tool]:
-    return [CurrentTime(), Calculate(), ListUploads(), ReadUpload()]
+    return [CurrentTime(), Calculate(), ListUploads(), ReadUpload(), SaveNote()]

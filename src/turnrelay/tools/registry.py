@@ -62,8 +62,10 @@ class ToolOutcome:
 class ToolRegistry:
     """Tools by name, in registration order."""
 
-    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+    def __init__(self, tools: Iterable[Tool] = (), *, require_approval: Iterable[str] = ()) -> None:
         self._tools: dict[str, Tool] = {}
+        self._schemas: list[tuple[str, str, dict[str, Any]]] | None = None
+        self._require_approval = frozenset(require_approval)
         for tool in tools:
             self.register(tool)
 
@@ -75,6 +77,7 @@ class ToolRegistry:
         if tool.name in self._tools:
             raise ConfigError(f"two tools are named {tool.name!r}")
         self._tools[tool.name] = tool
+        self._schemas = None
 
     def get(self, name: str) -> Tool | None:
         return self._tools.get(name)
@@ -92,8 +95,36 @@ class ToolRegistry:
         return name in self._tools
 
     def schemas(self) -> list[tuple[str, str, dict[str, Any]]]:
-        """``(name, description, JSON Schema of the arguments)`` per tool."""
-        return [(t.name, t.description, input_schema(t)) for t in self]
+        """``(name, description, JSON Schema of the arguments)`` per tool: made once
+        (pydantic's schema generation cost a turn ~2 ms) and shared, so callers
+        must not change them."""
+        if self._schemas is None:
+            self._schemas = [(t.name, t.description, input_schema(t)) for t in self]
+        return self._schemas
+
+    def needs_approval(self, name: str, arguments: Any) -> bool:
+        """Whether this call waits for the user's approval before it runs: the
+        tool is named in the setting, or its ``needs_approval`` says so (for
+        these arguments, when it is a function). A call that cannot run anyway
+        (unknown tool, arguments that do not validate) needs none: it fails
+        without running. A rule that raises asks for approval."""
+        tool = self._tools.get(name)
+        if tool is None:
+            return False
+        if name in self._require_approval:
+            return True
+        rule = getattr(tool, "needs_approval", False)
+        if not callable(rule):
+            return bool(rule)
+        try:
+            args = tool.args_model.model_validate(_arguments(arguments))
+        except (ValueError, ValidationError):
+            return False
+        try:
+            return bool(rule(args))
+        except Exception:
+            log.warning("tool %s: needs_approval raised; asking for approval", name, exc_info=True)
+            return True
 
     async def call(self, name: str, arguments: Any, context: ToolContext) -> ToolOutcome:
         """Validate ``arguments`` (a dict, or JSON text of one) and run the tool."""
@@ -101,15 +132,12 @@ class ToolRegistry:
         if tool is None:
             available = ", ".join(self._tools) or "none"
             return ToolOutcome(False, error=f"Unknown tool {name!r}. Available tools: {available}.")
-        if isinstance(arguments, str | bytes):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except ValueError as exc:
-                return ToolOutcome(
-                    False, error=f"Invalid arguments for tool {name!r}: not JSON ({exc})."
-                )
-        if arguments is None:
-            arguments = {}
+        try:
+            arguments = _arguments(arguments)
+        except ValueError as exc:
+            return ToolOutcome(
+                False, error=f"Invalid arguments for tool {name!r}: not JSON ({exc})."
+            )
         try:
             args = tool.args_model.model_validate(arguments)
         except ValidationError as exc:
@@ -124,6 +152,13 @@ class ToolRegistry:
             log.warning("tool %s raised", name, exc_info=True)
             return ToolOutcome(False, error=f"Tool {name!r} failed: {_describe(exc)}")
         return ToolOutcome(True, output=output)
+
+
+def _arguments(arguments: Any) -> Any:
+    """``arguments`` as given, or decoded from JSON text (``ValueError`` if not JSON)."""
+    if isinstance(arguments, str | bytes):
+        return json.loads(arguments) if arguments.strip() else {}
+    return {} if arguments is None else arguments
 
 
 def _validation_summary(exc: ValidationError) -> str:
@@ -180,20 +215,26 @@ def discover(
 def build_registry(
     enabled: Sequence[str] = (),
     *,
+    require_approval: Sequence[str] = (),
     builtins: bool = True,
     find: Callable[[str], Iterable[EntryPoint]] | None = None,
 ) -> ToolRegistry:
     """Built-in and discovered tools; ``enabled`` (when not empty) keeps only those
-    named, and naming a tool that does not exist is a ``ConfigError``."""
+    named; ``require_approval`` names tools whose every call waits for the
+    user's approval. Naming a tool that does not exist is a ``ConfigError``."""
     from turnrelay.tools.builtin import builtin_tools
 
-    registry = ToolRegistry([*(builtin_tools() if builtins else ()), *discover(find=find)])
-    if not enabled:
-        return registry
-    unknown = [name for name in enabled if name not in registry]
-    if unknown:
-        raise ConfigError(
-            f"TURNRELAY_TOOLS names unknown tools {', '.join(map(repr, unknown))}; "
-            f"known: {', '.join(registry.names()) or 'none'}"
-        )
-    return ToolRegistry(t for t in registry if t.name in enabled)
+    found = [*(builtin_tools() if builtins else ()), *discover(find=find)]
+    known = [t.name for t in found]
+    for setting, names in (
+        ("TURNRELAY_TOOLS", enabled),
+        ("TURNRELAY_TOOLS_REQUIRING_APPROVAL", require_approval),
+    ):
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ConfigError(
+                f"{setting} names unknown tools {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(known) or 'none'}"
+            )
+    kept = [t for t in found if not enabled or t.name in enabled]
+    return ToolRegistry(kept, require_approval=require_approval)

@@ -9,6 +9,14 @@
 // its first frame (`?turn_id=`) into an empty message instead, and draws the
 // stored messages of every other turn. A stream that breaks without `[DONE]` is
 // read again from the cursor, with backoff.
+//
+// Approvals. A turn whose tool needs the user's approval ends its stream with a
+// pause (`finish` with `messageMetadata.status: "awaiting_approval"`) but goes on
+// running: the page keeps the pause's cursor and snapshot, and the tool's card
+// asks. Once every request is answered (POST .../approvals) the page reads on
+// from that cursor. A reload while the turn waits draws the snapshot, or, in
+// another tab, the stored message (its tool parts say `approval-requested`) with
+// the active turn's `last_event_id` as the cursor.
 
 import { ApiError, call, openStream, readEvents, token } from "./api.js";
 import { AssistantMessage, userMessage } from "./message.js";
@@ -37,12 +45,19 @@ const ui = {
 // so that many pages losing one server do not come back in step.
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000];
 
+// While a turn waits for approvals, how often the page asks whether it still does,
+// so that an answer from elsewhere (another tab, the API, the timeout's denial)
+// shows without a reload. Only while this page shows a waiting turn.
+const PAUSE_CHECK_MS = 3000;
+
 const state = {
   sessions: [],
   sessionId: null,
   live: null, // the AssistantMessage being streamed, if any
   follow: null, // AbortController of the stream being read
+  paused: null, // {sid, live, turnId, cursor} of a turn waiting for approvals
   stopping: false,
+  opening: null, // the load of the session being opened, until it is drawn
 };
 
 // -- small helpers ---------------------------------------------------------------------
@@ -247,6 +262,7 @@ function stopFollowing() {
   state.follow?.abort();
   state.follow = null;
   state.live = null;
+  state.paused = null;
   setBusy(false);
   setConn("");
 }
@@ -261,7 +277,17 @@ function appendMessage(node) {
   ui.messages.append(node);
 }
 
-async function openSession(sid) {
+/** Open a session; a send waits for it, so a late answer never redraws over a new turn. */
+function openSession(sid) {
+  const opening = loadSession(sid);
+  state.opening = opening;
+  opening.finally(() => {
+    if (state.opening === opening) state.opening = null;
+  });
+  return opening;
+}
+
+async function loadSession(sid) {
   stopFollowing();
   state.sessionId = sid;
   renderSessions();
@@ -288,13 +314,16 @@ function showSession(detail) {
   ui.title.textContent = detail.title || "New chat";
   clearMessages();
   let liveAnchor = null;
+  let liveStored = null;
   for (const m of detail.messages) {
     if (m.role === "user") {
       const node = userMessage(m.content);
       node.dataset.turnId = m.turn_id;
       appendMessage(node);
       if (active && m.turn_id === active.turn_id) liveAnchor = node;
-    } else if (!(active && m.turn_id === active.turn_id)) {
+    } else if (active && m.turn_id === active.turn_id) {
+      liveStored = m;
+    } else {
       const view = AssistantMessage.fromStored(m);
       appendMessage(view.el);
       if (m.status === "failed") explainFailure(sid, view);
@@ -305,14 +334,20 @@ function showSession(detail) {
     sessionStorage.removeItem(snapKey(sid));
     return;
   }
-  // The active turn is drawn live, never from `messages`: from the saved snapshot
-  // when it belongs to this turn, else from the turn's first frame.
+  // The active turn is drawn live: from the saved snapshot when it belongs to
+  // this turn, else (waiting for approvals) from its stored message up to its
+  // last frame, else from the turn's first frame.
   const snap = loadSnapshot(sid);
   let live;
   let cursor = null;
   if (snap?.message?.turnId === active.turn_id && snap.cursor?.startsWith(`${active.turn_id}:`)) {
     live = AssistantMessage.fromSnapshot(snap.message);
     cursor = snap.cursor;
+  } else if (active.waiting_for_approval && liveStored && active.last_event_id) {
+    // The stream may have expired while the turn waited; the stored message has it all.
+    live = AssistantMessage.fromStored(liveStored);
+    live.setStatus("awaiting_approval");
+    cursor = active.last_event_id;
   } else {
     live = new AssistantMessage({ turnId: active.turn_id, status: active.status === "queued" ? "queued" : "streaming" });
   }
@@ -367,9 +402,10 @@ async function follow(sid, live, { post = null, turnId = null, cursor = null }) 
     failures = 0;
     if (state.follow === ctrl) setConn("");
   };
+  const paused = () => done && live.status === "awaiting_approval";
   const onBatch = () => {
     live.flush();
-    if (done) sessionStorage.removeItem(snapKey(sid));
+    if (done && !paused()) sessionStorage.removeItem(snapKey(sid));
     else if (cursor) saveSnapshot(sid, cursor, live);
     scrollToEnd();
   };
@@ -388,7 +424,15 @@ async function follow(sid, live, { post = null, turnId = null, cursor = null }) 
         const query = !cursor && tid ? `?turn_id=${encodeURIComponent(tid)}` : "";
         res = await openStream("GET", `/sessions/${sid}/stream${query}`, { headers, signal: ctrl.signal });
       }
-      if (res.status === 204) break; // nothing active any more
+      if (res.status === 204) {
+        // Nothing active any more. A turn drawn as waiting ended meanwhile: show it as stored.
+        if (live.status === "awaiting_approval" && state.follow === ctrl) {
+          sessionStorage.removeItem(snapKey(sid));
+          openSession(state.sessionId);
+          return;
+        }
+        break;
+      }
       await readEvents(res, { onEvent, onBatch });
       if (done) break;
     } catch (err) {
@@ -421,6 +465,15 @@ async function follow(sid, live, { post = null, turnId = null, cursor = null }) 
   }
   if (ctrl.signal.aborted || state.follow !== ctrl) return;
   live.flush();
+  if (paused()) {
+    // The turn waits for the user's answer (the tool's card asks); Stop still cancels it.
+    state.follow = null;
+    state.live = null;
+    state.paused = { sid, live, turnId: tid, cursor };
+    setConn("");
+    watchPause(state.paused);
+    return;
+  }
   if (live.status === "streaming" || live.status === "queued") live.setStatus("completed");
   sessionStorage.removeItem(snapKey(sid));
   state.follow = null;
@@ -443,9 +496,64 @@ async function afterTurn(sid, finishedTurnId) {
   }
 }
 
+/** Read on from the pause once the turn goes on (answered, or cancelled). */
+function resume() {
+  const { sid, live, turnId, cursor } = state.paused;
+  state.paused = null;
+  follow(sid, live, { turnId, cursor });
+}
+
+/** Read on once the paused turn no longer waits, whoever answered it. */
+async function watchPause(paused) {
+  while (state.paused === paused) {
+    await sleep(PAUSE_CHECK_MS);
+    if (state.paused !== paused) return;
+    let turn;
+    try {
+      turn = await call("GET", `/sessions/${paused.sid}/turns/${paused.turnId}`);
+    } catch (err) {
+      if (err instanceof ApiError && err.status < 500) return; // gone, or no longer ours
+      continue; // the next check tries again; the buttons work meanwhile
+    }
+    if (state.paused !== paused) return;
+    for (const a of turn.approvals) {
+      if (a.status !== "waiting") paused.live.answerApproval(a.tool_call_id, a.status === "approved");
+    }
+    if (!turn.waiting_for_approval) resume();
+  }
+}
+
+/** Approve or Deny in a tool's card: send the answer, then read on once none is left. */
+async function decide({ message, toolCallId, approvalId, approved, release }) {
+  const sid = state.sessionId;
+  if (!sid || !message.turnId || !approvalId) return release();
+  let waiting = false;
+  try {
+    const answer = await call("POST", `/sessions/${sid}/turns/${message.turnId}/approvals`, {
+      body: { decisions: [{ approval_id: approvalId, approved }] },
+    });
+    waiting = answer.waiting;
+    message.answerApproval(toolCallId, approved);
+  } catch (err) {
+    // 409: answered already (another tab, the timeout) or cancelled; the stream shows how it went on.
+    if (!(err instanceof ApiError && err.status === 409)) {
+      release();
+      return report(err);
+    }
+  }
+  const paused = state.paused;
+  if (state.sessionId !== sid || paused?.live !== message) return; // a stream is read already
+  if (waiting) saveSnapshot(sid, paused.cursor, message); // other requests of the pause still ask
+  else resume();
+}
+
 async function send() {
   const text = ui.input.value.trim();
-  if (!text || state.follow) return;
+  if (!text) return;
+  // The session's stored messages are drawn first (its answer replaces the view).
+  while (state.opening) await state.opening.catch(() => {});
+  if (state.paused) return; // a waiting turn is answered (or stopped) first
+  if (state.follow && state.sessionId) return steer(state.sessionId, text);
   let sid = state.sessionId;
   if (!sid) {
     try {
@@ -468,6 +576,22 @@ async function send() {
   follow(sid, live, { post: { message: text, message_id: uuid() } });
 }
 
+// A message typed while a turn runs steers it: the server hands it to the
+// turn before its next model request (the stream shows where, as data-steer);
+// if the turn ends first it is the next turn, which afterTurn then follows.
+async function steer(sid, text) {
+  ui.input.value = "";
+  autosize();
+  try {
+    await call("POST", `/sessions/${sid}/turns`, {
+      body: { message: text, message_id: uuid(), multitask: "steer" },
+    });
+  } catch (err) {
+    ui.input.value = text;
+    report(err);
+  }
+}
+
 async function stop() {
   const sid = state.sessionId;
   if (!sid || state.stopping) return;
@@ -476,7 +600,9 @@ async function stop() {
   ui.stop.textContent = "Stopping…";
   try {
     await call("POST", `/sessions/${sid}/cancel`);
-    // The stream itself brings `abort`, `finish` and `[DONE]`.
+    // The stream itself brings `abort`, `finish` and `[DONE]`; a paused turn's
+    // is read on from its pause for them.
+    if (state.paused?.sid === sid) resume();
   } catch (err) {
     ui.stop.disabled = false;
     ui.stop.textContent = "■ Stop";
@@ -504,6 +630,7 @@ ui.input.addEventListener("keydown", (e) => {
 });
 ui.input.addEventListener("input", autosize);
 ui.stop.addEventListener("click", stop);
+ui.messages.addEventListener("tool-approval", (e) => decide(e.detail));
 ui.newChat.addEventListener("click", newChat);
 window.addEventListener("hashchange", () => openSession(routeSession()));
 

@@ -3,6 +3,10 @@
 // a stored message (`parts` from GET /sessions/{id}) and a live one fed chunk by
 // chunk. Each part keeps its own element, updated in place, so a tool card or a
 // reasoning block that the reader opened stays open while the reply streams.
+//
+// A tool call that waits for the user's approval (state `approval-requested`) draws
+// Approve and Deny in its card; a click dispatches a bubbling `tool-approval` event
+// from the message's element, and the page sends the answer (app.js).
 
 import { renderMarkdown } from "./markdown.js";
 
@@ -37,6 +41,7 @@ const STATUS_LABEL = {
   completed: "",
   cancelled: "Stopped",
   failed: "Failed",
+  awaiting_approval: "Waiting for your approval",
 };
 
 export class AssistantMessage {
@@ -111,6 +116,21 @@ export class AssistantMessage {
     this._sync();
   }
 
+  /** The server took the user's answer to a tool's approval request. */
+  answerApproval(toolCallId, approved) {
+    const p = this.parts.find((x) => x.toolCallId === toolCallId);
+    if (!p || p.state !== "approval-requested") return;
+    p.state = "approval-responded";
+    p.approval = { ...p.approval, approved };
+    this._touch(p);
+  }
+
+  /** Approve or Deny was clicked; `release()` gives the buttons back if the answer failed. */
+  _decide(part, approved, release) {
+    const detail = { message: this, toolCallId: part.toolCallId, approvalId: part.approval?.id, approved, release };
+    this.el.dispatchEvent(new CustomEvent("tool-approval", { bubbles: true, detail }));
+  }
+
   /** Apply one UI message stream chunk. Rendering waits for `flush` or the next frame. */
   apply(c) {
     switch (c.type) {
@@ -170,6 +190,24 @@ export class AssistantMessage {
         this._touch(p);
         break;
       }
+      case "tool-approval-request": {
+        const p = this._tool(c.toolCallId);
+        p.approval = { id: c.approvalId };
+        p.state = "approval-requested";
+        this._touch(p);
+        break;
+      }
+      case "tool-output-denied": {
+        const p = this._tool(c.toolCallId);
+        p.approval = { ...p.approval, approved: false };
+        p.state = "output-denied";
+        this._touch(p);
+        break;
+      }
+      case "data-steer":
+        // A message the user sent while this turn ran went into it here.
+        this._add({ type: "data-steer", data: c.data });
+        break;
       case "data-turn-retry":
         // A new attempt writes the answer again from the start (fresh part ids),
         // and only that attempt is stored: drop what the interrupted one wrote.
@@ -187,15 +225,25 @@ export class AssistantMessage {
       case "abort":
         this.setStatus("cancelled");
         break;
-      case "finish":
-        if (this.status === "streaming") this.setStatus("completed");
+      case "finish": {
+        // A pause: the turn goes on once its approval requests are answered.
+        const paused = c.messageMetadata?.status === "awaiting_approval";
+        if (paused) this.setStatus("awaiting_approval");
+        else if (this.status === "streaming") this.setStatus("completed");
         this.parts.forEach((p) => {
           if (p.state === "streaming") {
             p.state = "done";
             this._touch(p);
+          } else if (!paused && (p.state === "approval-requested" || p.state === "approval-responded")) {
+            // Ended unanswered (stopped): the call never ran, as the stored message says.
+            const reason = this.status === "cancelled" ? "the turn was stopped" : p.approval?.reason;
+            p.approval = { ...p.approval, approved: false, ...(reason ? { reason } : {}) };
+            p.state = "output-denied";
+            this._touch(p);
           }
         });
         break;
+      }
       default:
         break; // start-step, finish-step, other data-* chunks: nothing to draw
     }
@@ -268,8 +316,13 @@ export class AssistantMessage {
         },
       };
     }
+    if (part.type === "data-steer") {
+      const root = el("div", "steer");
+      root.dataset.steer = "";
+      return { root, update: (p) => (root.textContent = `↪ You: ${p.data?.text ?? ""}`) };
+    }
     if (part.type.startsWith("tool-") || part.type === "dynamic-tool") {
-      return toolCard();
+      return toolCard((p, approved, release) => this._decide(p, approved, release));
     }
     return null;
   }
@@ -295,11 +348,20 @@ export class AssistantMessage {
 const TOOL_STATE = {
   "input-streaming": "preparing…",
   "input-available": "running…",
+  "approval-requested": "needs your approval",
   "output-available": "done",
   "output-error": "error",
+  "output-denied": "denied",
 };
 
-function toolCard() {
+function button(className, text) {
+  const b = el("button", className, text);
+  b.type = "button";
+  return b;
+}
+
+/** A tool call's card; `decide(part, approved, release)` answers its approval request. */
+function toolCard(decide) {
   const root = el("details", "card tool");
   const summary = el("summary");
   const name = el("span", "tool-name");
@@ -307,23 +369,52 @@ function toolCard() {
   summary.append(el("span", "tool-icon", "⚙"), name, state);
   const inputLabel = el("div", "card-label", "Input");
   const input = el("pre", "card-pre");
+  const approval = el("div", "approval");
+  const approve = button("approve", "Approve");
+  const deny = button("deny", "Deny");
+  approval.append(el("span", "approval-question", "Run this tool?"), approve, deny);
   const outputLabel = el("div", "card-label", "Output");
   const output = el("pre", "card-pre");
   const body = el("div", "card-body");
-  body.append(inputLabel, input, outputLabel, output);
+  body.append(inputLabel, input, approval, outputLabel, output);
   root.append(summary, body);
+  let part = null;
+  let asking = false;
+  const release = () => {
+    approve.disabled = deny.disabled = false;
+  };
+  const choose = (approved) => {
+    if (!part || approve.disabled) return;
+    approve.disabled = deny.disabled = true;
+    decide(part, approved, release);
+  };
+  approve.addEventListener("click", () => choose(true));
+  deny.addEventListener("click", () => choose(false));
   return {
     root,
     update: (p) => {
+      part = p;
       name.textContent = p.toolName || p.type.replace(/^tool-/, "");
-      state.textContent = TOOL_STATE[p.state] || p.state || "";
       root.dataset.state = p.state || "";
+      const answered = p.approval?.approved ? "approved, running…" : "denied";
+      state.textContent = p.state === "approval-responded" ? answered : TOOL_STATE[p.state] || p.state || "";
       input.textContent = p.input != null ? pretty(p.input) : p.inputText || "";
+      // A request opens its card once, so that it is seen; closing it again is the reader's choice.
+      if (p.state === "approval-requested" && !asking) {
+        root.open = true;
+        release();
+      }
+      asking = p.state === "approval-requested";
+      approval.hidden = !asking;
       const failed = p.state === "output-error";
-      outputLabel.textContent = failed ? "Error" : "Output";
+      const denied = p.state === "output-denied";
+      outputLabel.textContent = failed ? "Error" : denied ? "Denied" : "Output";
       output.classList.toggle("failed", failed);
-      output.textContent = failed ? p.errorText || "" : pretty(p.output);
-      outputLabel.hidden = output.hidden = !failed && p.output === undefined;
+      output.classList.toggle("denied", denied);
+      if (failed) output.textContent = p.errorText || "";
+      else if (denied) output.textContent = `Not run: ${p.approval?.reason || "the call was denied"}.`;
+      else output.textContent = pretty(p.output);
+      outputLabel.hidden = output.hidden = !failed && !denied && p.output === undefined;
     },
   };
 }

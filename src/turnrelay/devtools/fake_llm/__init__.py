@@ -25,9 +25,13 @@ directives are stripped from the echoed text and may be combined:
                          ``Tool NAME returned: <result>``. NAME also matches a tool the
                          request offers as ``<prefix>__NAME`` (an MCP tool's name). A
                          request whose ``tool_choice`` is none gets the echo instead.
+    fake:steps=N         with ``fake:tool``: call the tool N times (N model steps that
+                         run it), then reply as above
+    fake:aside           in a user message: it is not the prompt; the reply follows the
+                         user message before it (a message that steered a running turn)
 
-The "last user text" is the last user message that is not a tool result, so the
-directive still applies to the request that carries the tool's result.
+The "last user text" is the last user message that is not a tool result (nor an
+aside), so the directive still applies to the request that carries the tool's result.
 
 With a record file, every request is appended as one JSON line
 ``{"event": "request", "request_index", "path", "t", "body"}`` and every streamed

@@ -13,7 +13,10 @@ from typing import Any
 
 MODEL_ID = "fake"
 
-_DIRECTIVE = re.compile(r"fake:(tokens|reasoning|delay_ms|fail_after|error)=(\S*)")
+_DIRECTIVE = re.compile(r"fake:(tokens|reasoning|delay_ms|fail_after|error|steps)=(\S*)")
+# A user message with this is not a prompt: the reply follows the prompt before
+# it (a message that steered a running turn, say).
+ASIDE = "fake:aside"
 _TOOL_DIRECTIVE = re.compile(r"fake:tool=([A-Za-z0-9_.-]+)(:?)")
 _PIECE = re.compile(r"\s*\S+")
 _JSON = json.JSONDecoder()
@@ -30,6 +33,7 @@ class Script:
     error: int | None = None
     tool: str | None = None
     tool_args: dict[str, Any] = field(default_factory=dict)
+    steps: int = 1  # with ``tool``: call it this many times, then answer
 
 
 def _cut_tool_directive(text: str) -> tuple[str, str | None, dict[str, Any]]:
@@ -61,7 +65,7 @@ def parse_directives(text: str) -> tuple[str, Script]:
             raise ValueError(f"fake:{name} needs an integer, got {raw!r}") from None
         if values[name] < 0:
             raise ValueError(f"fake:{name} must not be negative")
-    clean = " ".join(_DIRECTIVE.sub(" ", text).split())
+    clean = " ".join(_DIRECTIVE.sub(" ", text).replace(ASIDE, " ").split())
     return clean, Script(**values, tool=tool, tool_args=tool_args)
 
 
@@ -105,19 +109,25 @@ class _Prompt:
     """What a reply depends on: the user's text and any tool result after it."""
 
     text: str
-    tool_result: str | None
+    tool_result: str | None  # the last one
+    tool_results: int = 0  # how many since the prompt
 
 
 def _prompt(messages: list[Any]) -> _Prompt:
     result: str | None = None
+    count = 0
     for message in reversed(messages):
         if _is_tool_result(message):
+            count += 1
             if result is None:
                 result = _tool_result_text(message)
             continue
         if isinstance(message, dict) and message.get("role") == "user":
-            return _Prompt(_message_text(message.get("content")), result)
-    return _Prompt("", result)
+            text = _message_text(message.get("content"))
+            if ASIDE in text:
+                continue
+            return _Prompt(text, result, count)
+    return _Prompt("", result, count)
 
 
 class _Refusal(Exception):
@@ -160,7 +170,7 @@ class _Reply:
 def _reply(prompt: _Prompt, script: Script, offered: list[str], tools_allowed: bool) -> _Reply:
     reasoning = [f"r{i}" if i == 0 else f" r{i}" for i in range(script.reasoning)]
     if script.tool is not None and tools_allowed:
-        if prompt.tool_result is None:
+        if prompt.tool_results < max(1, script.steps):
             name = _resolve_tool(script.tool, offered)
             return _Reply(reasoning, [], (name, json.dumps(script.tool_args)))
         return _Reply(

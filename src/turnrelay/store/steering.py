@@ -1,0 +1,73 @@
+"""Steering in SQL: a running turn takes the messages sent behind it with
+``multitask: steer``.
+
+A steering message is stored as a turn of its own (queued behind the running
+one, as ``enqueue`` would), so if no model step takes it, it simply becomes
+the session's next turn. A running attempt takes the ones still queued and
+undispatched, under the session lock that ``dispatch_next`` also takes, so a
+message is either taken into the running turn or dispatched as a turn, never
+both: a taken one is ``completed`` with ``steered_into`` naming the turn that
+took it and ``steered_step`` the model request it entered before. Every call
+answers all the turn took so far, so a retried attempt (which starts over)
+gets the earlier attempt's messages again, at the same steps: none is lost,
+and the runtime, which inserts each once, delivers none twice.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from turnrelay.store.base import Steer, TurnStatus
+from turnrelay.store.tables import messages, sessions, turns
+
+
+async def take(
+    conn: AsyncConnection, turn_id: str, attempt: int, step: int, now: datetime
+) -> list[Steer]:
+    row = (
+        await conn.execute(sa.select(turns.c.session_id, turns.c.seq).where(turns.c.id == turn_id))
+    ).first()
+    if row is None:
+        return []
+    await conn.execute(
+        sa.select(sessions.c.id).where(sessions.c.id == row.session_id).with_for_update()
+    )
+    holder = (
+        await conn.execute(
+            sa.select(turns.c.id).where(
+                turns.c.id == turn_id,
+                turns.c.attempt == attempt,
+                turns.c.status == TurnStatus.RUNNING.value,
+            )
+        )
+    ).first()
+    if holder is None:
+        return []
+    await conn.execute(
+        sa.update(turns)
+        .where(
+            turns.c.session_id == row.session_id,
+            turns.c.seq > row.seq,
+            turns.c.steer == sa.true(),
+            turns.c.status == TurnStatus.QUEUED.value,
+            turns.c.dispatched == sa.false(),
+            turns.c.superseded_by.is_(None),
+        )
+        .values(
+            status=TurnStatus.COMPLETED.value,
+            steered_into=turn_id,
+            steered_step=step,
+            started_at=now,
+            finished_at=now,
+        )
+    )
+    taken = await conn.execute(
+        sa.select(turns.c.id, turns.c.user_message_id, turns.c.steered_step, messages.c.content)
+        .join(messages, messages.c.id == turns.c.user_message_id)
+        .where(turns.c.steered_into == turn_id)
+        .order_by(turns.c.seq)
+    )
+    return [Steer(r.id, r.user_message_id, r.content, r.steered_step) for r in taken.all()]
