@@ -12,11 +12,14 @@ append is a no-op or meets the first's terminal frame.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
 from turnrelay.errors import StaleWriter
 from turnrelay.events import chunks
 from turnrelay.events.base import CLOSER_EPOCH, EventLog, Frame
 from turnrelay.events.chunks import Chunk
-from turnrelay.store.base import TurnRecord, TurnStatus
+from turnrelay.store.base import ExecutorStore, TurnRecord, TurnStatus
 
 # A log restarted after it was lost starts its frames at a multiple of this
 # (attempt n's retry at (n - 1) * SEQ_EPOCH + 1), so no cursor of the lost
@@ -70,3 +73,33 @@ async def close_stream(log: EventLog, turn: TurnRecord, retention: float) -> Non
         await log.append(turn.id, frames, epoch=CLOSER_EPOCH, ttl=retention, restart=restart)
     except StaleWriter:
         return  # another closer finished it concurrently
+
+
+async def admit_heads(
+    store: ExecutorStore,
+    session_id: str,
+    publish: Callable[[TurnRecord], Awaitable[None]],
+    *,
+    max_running_per_user: int,
+    republish_before: datetime | None = None,
+) -> int:
+    """Admit and publish heads from the session owner's FIFO until none is left
+    or their running slots are full; how many were published.
+
+    One admission per freed slot is not enough: heads can wait while slots are
+    free (a session's next turn is a waiting head from its previous turn's
+    finish until the dispatch after it; an executor can die in between), and
+    each of those needs an admission of its own. The loop stops at the first
+    call that admits nothing, so the common case costs one call."""
+    published = 0
+    for _ in range(max_running_per_user + 1):  # +1: a republished in-flight head
+        head = await store.dispatch_next(
+            session_id,
+            republish_before=republish_before,
+            max_running_per_user=max_running_per_user,
+        )
+        if head is None:
+            break
+        await publish(head)
+        published += 1
+    return published

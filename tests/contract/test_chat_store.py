@@ -300,6 +300,27 @@ async def test_a_new_head_never_jumps_the_fifo(store: SqlChatStore) -> None:
     assert [await store.queue_position(t) for t in (t2, t3)] == [1, 2]
 
 
+async def test_a_burst_is_not_held_up_by_a_head_between_turns(store: SqlChatStore) -> None:
+    # A session's next turn is a waiting head from its previous turn's finish
+    # until the dispatch after it (an RPC round trip apart via the db-manager).
+    # Submits in that moment must not queue behind it while slots are free:
+    # seen in CI, 20 of them filled the FIFO, and the next got 429 with 99 of
+    # 100 slots free.
+    s = await store.create_session("alice")
+    caps = {"max_running_per_user": 100, "max_waiting_per_user": 20, "dispatch_if_idle": True}
+    first = (await store.submit_turn(new(s.id, "one", **caps))).turn
+    second = (await store.submit_turn(new(s.id, "two", **caps))).turn
+    assert await store.start_turn(first.id, 0) is not None
+    assert await store.finish_turn(first.id, 1, TurnOutcome(TurnStatus.COMPLETED))
+    assert await store.queue_position(second) == 1  # not admitted yet
+    fresh = [await store.create_session("alice") for _ in range(25)]
+    results = await asyncio.gather(*(store.submit_turn(new(f.id, **caps)) for f in fresh))
+    assert all(r.turn.dispatched for r in results)
+    assert await store.count_running_for_user("alice") == 25
+    # The head between turns still goes first once slots are short.
+    assert (await store.dispatch_next(s.id, max_running_per_user=100)).id == second.id  # type: ignore[union-attr]
+
+
 async def test_a_cancelled_waiting_head_leaves_the_fifo(store: SqlChatStore) -> None:
     _, t1 = await admitted(store, cap=1)
     s2, t2 = await admitted(store, cap=1)

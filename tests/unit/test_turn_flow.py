@@ -8,6 +8,7 @@ import json
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ from turnrelay.queue.memory import MemoryTurnQueue
 from turnrelay.runtime.base import RuntimeEvent, StepFinish, StepStart, TextDelta, TurnContext
 from turnrelay.settings import Settings
 from turnrelay.storage.memory import MemoryObjectStore
+from turnrelay.store.base import NewTurn, TurnStatus
 from turnrelay.store.migrate import migrate
 from turnrelay.store.sql import SqlChatStore
 from turnrelay.transcript.store import TranscriptStore, session_prefix
@@ -59,12 +61,13 @@ class ScriptedRuntime:
 
 
 class Harness:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, **settings: Any) -> None:
         self.settings = Settings(
             _env_file=None,
             database_url=f"sqlite+aiosqlite:///{tmp}/t.db",
             model="openai:fake",
             num_workers=2,
+            **settings,
         )
         self.runtime = ScriptedRuntime()
         self.store = SqlChatStore(self.settings.database_url)
@@ -329,3 +332,45 @@ async def test_a_turn_whose_rows_were_deleted_stops(
         await task
         await harness.client.aclose()
         await harness.store.shutdown()
+
+
+async def test_heads_waiting_while_slots_are_free_are_all_admitted_at_once(
+    tmp_path: Path,
+) -> None:
+    # Two heads wait while all three slots are free (their dispatch was lost:
+    # an executor died between a finish and the dispatch after it). The next
+    # admission admits both, not one per finished turn; the sweeper is far off.
+    harness = Harness(tmp_path, max_running_turns_per_user=3, sweep_interval=3600)
+    await migrate(harness.settings.database_url)
+    await harness.store.startup()
+    await harness.queue.startup()
+    task = asyncio.create_task(harness.executor.run())
+    try:
+        waiting = []
+        for _ in range(2):
+            s = await harness.store.create_session("local")
+            turn = (await harness.store.submit_turn(new_turn(s.id, "slow one"))).turn
+            assert not turn.dispatched
+            waiting.append(turn)
+        third = (await harness.client.post("/api/chat/sessions")).json()["id"]
+        r = await harness.client.post(
+            f"/api/chat/sessions/{third}/turns", json={"message": "quick"}
+        )
+        assert r.status_code == 202, r.text
+        async with asyncio.timeout(10):
+            while True:
+                turns = [await harness.store.get_turn(t.id) for t in waiting]
+                if all(t.status is TurnStatus.RUNNING for t in turns):
+                    break
+                await asyncio.sleep(0.02)
+        harness.runtime.gate.set()
+    finally:
+        harness.executor.stop()
+        await task
+        await harness.client.aclose()
+        await harness.store.shutdown()
+
+
+def new_turn(session_id: str, text: str) -> NewTurn:
+    """A turn submitted as a store client that never dispatches it."""
+    return NewTurn(session_id=session_id, user_id="local", text=text, model="openai:fake")

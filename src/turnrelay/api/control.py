@@ -20,7 +20,7 @@ from turnrelay import tracing
 from turnrelay.api.hub import StreamClosed, StreamHub
 from turnrelay.errors import NotFound, PublishFailed, TurnrelayError, UnknownModel, Unprocessable
 from turnrelay.events.base import EventLog
-from turnrelay.lifecycle import close_stream
+from turnrelay.lifecycle import admit_heads, close_stream
 from turnrelay.metrics import Metrics
 from turnrelay.queue.base import TurnMessage, TurnQueue
 from turnrelay.settings import Settings
@@ -152,12 +152,14 @@ class TurnControl:
         return url
 
     async def publish_head(self, session_id: str) -> None:
-        """Publish the session's head turn if none is in flight."""
-        head = await self.store.dispatch_next(
-            session_id, max_running_per_user=self.settings.max_running_turns_per_user
+        """Publish the session's head turn if none is in flight, and every head
+        of its owner's FIFO that a free running slot admits."""
+        await admit_heads(
+            self.store,
+            session_id,
+            self._publish,
+            max_running_per_user=self.settings.max_running_turns_per_user,
         )
-        if head is not None:
-            await self._publish(head)
 
     async def _publish(self, head: TurnRecord) -> None:
         """A failed publish fails the turn (terminal CAS, terminal frames) and

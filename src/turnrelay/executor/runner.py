@@ -53,7 +53,13 @@ from turnrelay.executor.assembler import Assembler, persisted_parts
 from turnrelay.executor.frames import FrameWriter
 from turnrelay.executor.registry import Run, RunningTurns, StopReason
 from turnrelay.lease.base import Lease
-from turnrelay.lifecycle import SEQ_EPOCH, close_stream, session_lease_key, terminal_chunks
+from turnrelay.lifecycle import (
+    SEQ_EPOCH,
+    admit_heads,
+    close_stream,
+    session_lease_key,
+    terminal_chunks,
+)
 from turnrelay.metrics import Metrics
 from turnrelay.queue.base import Delivery, TurnMessage, TurnQueue
 from turnrelay.runtime.base import AgentRuntime, ApprovalRequest, Pause, Resume, TurnContext
@@ -217,15 +223,17 @@ class TurnRunner:
         self.metrics.delivery("done")
 
     async def _dispatch_next(self, session_id: str) -> None:
-        cutoff = datetime.now(UTC) - timedelta(seconds=REPUBLISH_AFTER)
-        head = await self.store.dispatch_next(
+        await admit_heads(
+            self.store,
             session_id,
-            republish_before=cutoff,
+            self._publish,
             max_running_per_user=self.settings.max_running_turns_per_user,
+            republish_before=datetime.now(UTC) - timedelta(seconds=REPUBLISH_AFTER),
         )
-        if head is not None:
-            await self.queue.publish(TurnMessage(head.id, head.session_id))
-            await self.store.mark_published(head.id)
+
+    async def _publish(self, head: TurnRecord) -> None:
+        await self.queue.publish(TurnMessage(head.id, head.session_id))
+        await self.store.mark_published(head.id)
 
     async def _run_leased(self, turn: TurnRecord, key: str) -> _Outcome:
         # Attempts count from the turn's last pause: a pause ends its attempt

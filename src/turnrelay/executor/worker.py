@@ -46,12 +46,12 @@ from turnrelay.executor.registry import RunningTurns, StopReason
 from turnrelay.executor.registry import holding as held_as
 from turnrelay.executor.runner import REPUBLISH_AFTER, TurnRunner
 from turnrelay.lease.base import Lease
-from turnrelay.lifecycle import session_lease_key
+from turnrelay.lifecycle import admit_heads, session_lease_key
 from turnrelay.metrics import Metrics
 from turnrelay.queue.base import Delivery, TurnMessage, TurnQueue
 from turnrelay.runtime.base import AgentRuntime
 from turnrelay.settings import Settings
-from turnrelay.store.base import ExecutorStore
+from turnrelay.store.base import ExecutorStore, TurnRecord
 from turnrelay.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -318,14 +318,15 @@ class Executor:
     async def _publish_head(
         self, session_id: str, *, republish_before: datetime | None = None
     ) -> int:
-        head = await self.store.dispatch_next(
+        async def publish(head: TurnRecord) -> None:
+            await self.queue.publish(TurnMessage(head.id, head.session_id))
+            await self.store.mark_published(head.id)
+            self.metrics.takeovers.labels("sweeper").inc()
+
+        return await admit_heads(
+            self.store,
             session_id,
-            republish_before=republish_before,
+            publish,
             max_running_per_user=self.settings.max_running_turns_per_user,
+            republish_before=republish_before,
         )
-        if head is None:
-            return 0
-        await self.queue.publish(TurnMessage(head.id, head.session_id))
-        await self.store.mark_published(head.id)
-        self.metrics.takeovers.labels("sweeper").inc()
-        return 1

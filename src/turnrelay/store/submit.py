@@ -57,8 +57,8 @@ async def submit(
     """Admit ``new`` into its session, or return the turn its client message id made.
 
     A turn that is its session's head is dispatched at once (with
-    ``dispatch_if_idle``) only when the user has a free running slot and no
-    earlier turn waiting for one; otherwise it waits in the user's FIFO, up to
+    ``dispatch_if_idle``) only when the user has a free running slot left after
+    every head waiting for one; otherwise it waits in the user's FIFO, up to
     ``max_waiting_per_user`` heads, and ``dispatch_next`` admits it later."""
     # The user before the session: the lock order ``dispatch_next`` uses too.
     await lock_user(conn, new.user_id)
@@ -88,7 +88,12 @@ async def submit(
     if not active:
         waiting = await count_waiting_for_user(conn, new.user_id)
         running = await count_running_for_user(conn, new.user_id)
-        if waiting == 0 and running < new.max_running_per_user:
+        # Room for every waiting head and this one: it need not wait behind
+        # them (they are admitted as their dispatch comes: a session's next turn
+        # is a waiting head between its previous turn's finish and the dispatch
+        # after it, and a burst of submits in that moment must not pile up
+        # behind it while slots are free). Else the FIFO's order holds.
+        if running + waiting < new.max_running_per_user:
             dispatch = new.dispatch_if_idle
         elif waiting >= new.max_waiting_per_user:
             raise RateLimited(
