@@ -13,6 +13,7 @@ from claude_agent_sdk.testing import run_session_store_conformance
 from tests import transcript_writer
 from tests.racers import answer, end_racers, release, start_racer
 from tests.storage_servers import StoreSpec
+from turnrelay.errors import BadRequest
 from turnrelay.storage import ObjectStore
 from turnrelay.transcript.store import (
     TranscriptStore,
@@ -79,6 +80,39 @@ async def test_a_turn_loads_the_newest_earlier_turn_and_its_own_appends(
         {"type": "user", "uuid": "u1"},
         {"type": "assistant", "uuid": "a2"},
     ]
+
+
+async def test_a_continuation_reads_its_own_turns_pause_and_nothing_later(
+    objects: ObjectStore,
+) -> None:
+    session = str(uuid.uuid4())
+    cli = {"project_key": "p", "session_id": str(uuid.uuid4())}
+    assert await _store(objects, 1, 1, session=session).compact(cli, b"turn one\n")
+    # Turn 2's attempt 2 paused (attempt 1 died before it).
+    paused = _store(objects, 2, 2, session=session)
+    assert await paused.compact(cli, b"turn one\nturn two up to the pause\n")
+    # Turn 2's attempts read only earlier turns (turn 1's was superseded by
+    # the pause's, which holds it) ...
+    assert await _store(objects, 2, 3, session=session).load_bytes(cli) is None
+    # ... but the continuation goes on from the pause, on any executor.
+    going_on = TranscriptStore(
+        objects, user_id="alice", session_id=session, seq=2, attempt=3, through=2
+    )
+    assert await going_on.load_bytes(cli) == b"turn one\nturn two up to the pause\n"
+    assert await going_on.newest_cli_session("p") == cli["session_id"]
+    # A continuation attempt that stored half of itself (a frozen one that woke
+    # up after its retry began) never feeds the next retry, nor removes the pause.
+    assert await going_on.compact(cli, b"half of the continuation\n")
+    retry = TranscriptStore(
+        objects, user_id="alice", session_id=session, seq=2, attempt=4, through=2
+    )
+    assert await retry.load_bytes(cli) == b"turn one\nturn two up to the pause\n"
+    # The next turn reads the turn's newest attempt.
+    assert await _store(objects, 3, 1, session=session).load_bytes(cli) == (
+        b"half of the continuation\n"
+    )
+    with pytest.raises(BadRequest):
+        TranscriptStore(objects, user_id="alice", session_id=session, seq=2, attempt=2, through=2)
 
 
 async def test_a_stale_writer_never_replaces_a_newer_transcript(objects: ObjectStore) -> None:

@@ -180,6 +180,18 @@ class TurnContext:
     take_steers: Callable[[int], Awaitable[list[Steer]]] | None = None
 
 
+async def new_steers(ctx: TurnContext, request: int, steered: list[str]) -> list[Steer]:
+    """The steering messages to put before model request ``request``: those the
+    turn took that this attempt has not put in yet (``steered``, their ids, is
+    kept up to date). A retry starts over and gets the earlier attempt's again:
+    each goes in once, at the first request that finds it."""
+    if ctx.take_steers is None:
+        return []
+    fresh = [s for s in await ctx.take_steers(request) if s.message_id not in steered]
+    steered.extend(s.message_id for s in fresh)
+    return fresh
+
+
 class AgentRuntime(Protocol):
     async def startup(self) -> None: ...
 

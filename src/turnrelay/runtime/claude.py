@@ -51,6 +51,26 @@ tool. Usage comes from the final result. A failed model call (the CLI gives up
 after its own retries and reports an error result), an SDK error or a CLI that
 exits become ``ModelError`` / ``RuntimeFailure`` with one line of detail.
 
+Tool approval. A call of one of turnrelay's tools that needs the user's approval
+is held in the MCP handler, never run there; once the step's other running calls
+are done, the CLI is interrupted: it writes the unanswered calls into its
+transcript as stopped, then its result. The turn pauses (``Pause``) with the
+calls held (and any the hold kept from running), and the attempt whose
+transcript holds the pause. The continuation, a later attempt on any executor,
+runs the approved calls (and the kept ones) once, resumes that transcript (a
+``TranscriptStore`` reading ``through`` the pause's attempt, never a later
+attempt's half) and tells the CLI in a user message how each call went; without
+the transcript it starts a fresh session with the turn's message and that report.
+
+Steering. A message the user sends with ``multitask: steer`` goes into the CLI's
+streaming input while a step's tools run; the CLI hands a message that arrives
+mid-turn to the model with the next tool results ("The user sent a new message
+while you were working: …"). A PreToolUse hook holds each call until the turn
+has seen it and written the step's messages, so they reach the CLI before the
+call's result however fast the tool. A step that calls a tool needing approval
+takes none (the CLI is stopped, which would drop them): they wait for the next
+step, or become the next turn.
+
 Cancellation interrupts the CLI (which closes its model request), then closes its
 input and waits for it to exit, terminating and then killing it if it does not.
 That cleanup runs in its own task, shielded, so a second cancellation cannot leave
@@ -69,8 +89,8 @@ import shutil
 import tempfile
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,28 +116,40 @@ from claude_agent_sdk import (
     create_sdk_mcp_server,
     project_key_for_directory,
 )
-from claude_agent_sdk.types import SessionKey, SessionStoreEntry
+from claude_agent_sdk.types import (
+    HookContext,
+    HookInput,
+    SessionKey,
+    SessionStoreEntry,
+    SyncHookJSONOutput,
+)
 
 from turnrelay.errors import ConfigError, ModelError, RuntimeFailure, TurnrelayError
 from turnrelay.runtime.base import (
+    ApprovalAnswered,
+    ApprovalRequest,
+    Pause,
     ReasoningDelta,
     RuntimeEvent,
+    SteerEntered,
     StepFinish,
     StepStart,
     TextDelta,
     ToolCall,
+    ToolDenied,
     ToolFailed,
     ToolInputDelta,
     ToolInputStart,
     ToolResult,
     TurnContext,
     Usage,
+    new_steers,
 )
 from turnrelay.runtime.confine import QUIET_ENV, check_sandbox, path_guard, write_launcher
 from turnrelay.runtime.history import bound_history
 from turnrelay.storage.base import ObjectStore
 from turnrelay.tools.base import ToolContext, session_directory
-from turnrelay.tools.registry import ToolRegistry
+from turnrelay.tools.registry import ToolOutcome, ToolRegistry
 from turnrelay.transcript.store import TranscriptStore
 from turnrelay.transcript.strip import STRIPPED, strip, transcript_problem
 
@@ -133,6 +165,9 @@ INTERRUPT_TIMEOUT = 2.0
 # directory's path) would tie a session to one sandbox path; one chat session has
 # one working directory anyway, and the transcript store is scoped to it.
 STORED_PROJECT = "turnrelay"
+# How long a tool call waits for the turn to see it (a call the chat never shows,
+# a subagent's, goes on after this).
+GATE_WAIT = 5.0
 # Lines of the CLI's stderr kept for the message of a failed turn.
 STDERR_LINES = 20
 _TOOL_USE_ERROR = re.compile(r"</?tool_use_error>")
@@ -212,21 +247,43 @@ class ClaudeRuntime:
     async def run(self, ctx: TurnContext) -> AsyncGenerator[RuntimeEvent, None]:
         workdir = session_directory(self.sandbox_dir, ctx.session_id)
         workdir.mkdir(parents=True, exist_ok=True)
+        paused = ctx.resume.state if ctx.resume is not None else None
         transcripts = TranscriptStore(
             self.objects,
             user_id=ctx.user_id,
             session_id=ctx.session_id,
             seq=ctx.seq,
             attempt=ctx.attempt,
+            # A continuation resumes the CLI's conversation as of its pause.
+            through=int(paused["attempt"]) if paused is not None else None,
         )
         local = _Local(workdir, project_key_for_directory(workdir))
         resume, earlier = await self._materialise(ctx, transcripts, local)
         if resume is None:
             earlier = history_section(ctx)
+            if paused is not None:
+                log.warning(
+                    "session %s: turn %s continues from its pause without the CLI's "
+                    "transcript of it; the model is told the turn's message again",
+                    ctx.session_id,
+                    ctx.turn_id,
+                )
         cli_id = resume or str(uuid.uuid4())
+        prompt = ctx.user_text
+        if paused is not None:
+            # The held calls, answered: approved ones (and any the pause kept from
+            # running) run now, once; the CLI is then told how each went.
+            context = ToolContext(ctx.user_id, ctx.session_id, ctx.turn_id, workdir)
+            report: list[str] = []
+            async for event in self._answer_held(ctx, context, report):
+                yield event
+            yield StepFinish()
+            prompt = continuation_prompt(report, None if resume is not None else ctx.user_text)
         try:
             try:
-                async for event in self._turn(ctx, workdir, transcripts, cli_id, resume, earlier):
+                async for event in self._turn(
+                    ctx, workdir, transcripts, cli_id, resume, earlier, prompt
+                ):
                     yield event
             except _ResumeRefused as refused:
                 assert resume is not None
@@ -241,7 +298,11 @@ class ClaudeRuntime:
                     where,
                 )
                 cli_id, resume, earlier = str(uuid.uuid4()), None, history_section(ctx)
-                async for event in self._turn(ctx, workdir, transcripts, cli_id, None, earlier):
+                if paused is not None:
+                    prompt = continuation_prompt(report, ctx.user_text)
+                async for event in self._turn(
+                    ctx, workdir, transcripts, cli_id, None, earlier, prompt
+                ):
                     yield event
         finally:
             # Also on a failure or a cancel: what the CLI wrote up to then is the
@@ -342,13 +403,17 @@ class ClaudeRuntime:
         cli_id: str,
         resume: str | None,
         earlier: str,
+        prompt: str,
     ) -> AsyncGenerator[RuntimeEvent, None]:
-        """One CLI process running the turn, the ``earlier`` turns in its system
-        prompt; ``_ResumeRefused`` when it would not resume ``resume`` (before it
-        produced anything)."""
+        """One CLI process running the turn from ``prompt``, the ``earlier`` turns
+        in its system prompt; ``_ResumeRefused`` when it would not resume
+        ``resume`` (before it produced anything). Ends with ``Pause`` when the
+        model called a tool that needs the user's approval."""
         tool_context = ToolContext(ctx.user_id, ctx.session_id, ctx.turn_id, workdir)
         stderr: deque[str] = deque(maxlen=STDERR_LINES)
-        options = self._options(ctx, workdir, tool_context, stderr)
+        holds = _Holds()
+        gate = _StepGate()
+        options = self._options(ctx, workdir, tool_context, stderr, holds, gate)
         options.session_store = _Mirror(transcripts)  # type: ignore[abstract]
         options.session_store_flush = "eager"
         options.system_prompt = system_prompt(ctx.system_prompt, earlier)
@@ -357,28 +422,46 @@ class ClaudeRuntime:
         else:
             options.session_id = cli_id
         client = ClaudeSDKClient(options)
-        translator = _Translator(self.max_tool_steps + 1)
+        translator = _Translator(self.max_tool_steps + 1, self.tools.needs_approval)
+        if ctx.resume is not None:
+            translator.carried = _usage_of(ctx.resume.state.get("usage"))
         finished = False
+        holding = asyncio.ensure_future(_stop_at_hold(client, holds, translator, tool_context))
         try:
             try:
                 await client.connect()
-                await client.query(ctx.user_text)
+                await client.query(prompt)
+                steered: list[str] = []
                 async for message in client.receive_response():
                     for event in translator.feed(message):
                         yield event
+                    if translator.tools_started() and not translator.step_asks():
+                        async for event in _steer(ctx, client, translator.requests + 1, steered):
+                            yield event
+                    if isinstance(message, AssistantMessage):
+                        await gate.release(translator.step_call_ids())
             except ClaudeSDKError as exc:
                 failure = _failure(exc, stderr)
                 if resume is not None and translator.silent:
                     raise _ResumeRefused(failure.detail) from exc
                 raise failure from exc
+            if holding.done():
+                held = holding.result()  # raises if the CLI could not be stopped
+                for call in held:
+                    if call.approval_id is not None:
+                        yield ApprovalRequest(call.id, call.approval_id, call.name, call.input)
+                yield Pause(pause_state(ctx.attempt, cli_id, held, translator))
+                finished = True
+                return
             if resume is not None and translator.silent and translator.refused_resume():
                 raise _ResumeRefused(translator.failure_detail())
             for event in translator.finish():
                 yield event
             finished = True
         finally:
-            if not finished:
-                tool_context.cancelled.set()
+            holding.cancel()
+            if not finished or holds.entered.is_set():
+                tool_context.cancelled.set()  # a held call returns, unrun
             # Its own task: an anyio shield does not stop a second asyncio
             # cancellation, and an unfinished close would leave the CLI running.
             closing = asyncio.ensure_future(_close(client, interrupt=not finished))
@@ -389,18 +472,26 @@ class ClaudeRuntime:
                 raise
 
     def _options(
-        self, ctx: TurnContext, workdir: Path, tool_context: ToolContext, stderr: deque[str]
+        self,
+        ctx: TurnContext,
+        workdir: Path,
+        tool_context: ToolContext,
+        stderr: deque[str],
+        holds: _Holds,
+        gate: _StepGate,
     ) -> ClaudeAgentOptions:
         own = [f"{MCP_PREFIX}{tool.name}" for tool in self.tools]
         servers: dict[str, Any] = {}
         if own:
-            servers[MCP_SERVER] = self._mcp_server(tool_context)
+            servers[MCP_SERVER] = self._mcp_server(tool_context, holds)
         if self._launcher is None:
             raise RuntimeFailure("the claude runtime was not started")
         hooks: dict[Any, list[HookMatcher]] = {}
         if self.cli_tools:
             # Fails closed: a hook that errors denies the call.
             hooks["PreToolUse"] = [HookMatcher(hooks=[path_guard(workdir)], on_failure="block")]
+        if ctx.take_steers is not None:
+            hooks.setdefault("PreToolUse", []).append(HookMatcher(hooks=[gate.hook]))
         # The session's directory is the CLI's home, configuration and scratch.
         scratch = workdir / ".tmp"
         scratch.mkdir(exist_ok=True)
@@ -429,25 +520,26 @@ class ClaudeRuntime:
             stderr=stderr.append,
         )
 
-    def _mcp_server(self, context: ToolContext) -> Any:
+    def _mcp_server(self, context: ToolContext, holds: _Holds) -> Any:
         registry = self.tools
 
         def handler(name: str) -> Any:
             async def call(arguments: dict[str, Any]) -> dict[str, Any]:
                 if registry.needs_approval(name, arguments):
-                    # This runtime cannot hold a call for the user's answer yet:
-                    # refuse it rather than run it unasked.
-                    return {
-                        "content": [
-                            {
-                                "type": "text",
-                                "text": f"Tool {name!r} needs the user's approval, which "
-                                "this runtime cannot ask for; it was not run.",
-                            }
-                        ],
-                        "is_error": True,
-                    }
-                outcome = await registry.call(name, arguments, context)
+                    # Held, never run here: the turn stops the CLI and pauses; the
+                    # continuation runs it if the user approves. (It returns only
+                    # once the CLI is stopped.)
+                    holds.entered.set()
+                    await context.cancelled.wait()
+                    return _unrun(name)
+                holds.running += 1
+                holds.idle.clear()
+                try:
+                    outcome = await registry.call(name, arguments, context)
+                finally:
+                    holds.running -= 1
+                    if holds.running == 0:
+                        holds.idle.set()
                 return {
                     "content": [{"type": "text", "text": outcome.text}],
                     "is_error": not outcome.ok,
@@ -462,6 +554,168 @@ class ClaudeRuntime:
             for name, description, schema in registry.schemas()
         ]
         return create_sdk_mcp_server(MCP_SERVER, tools=tools)
+
+    async def _answer_held(
+        self, ctx: TurnContext, context: ToolContext, report: list[str]
+    ) -> AsyncGenerator[RuntimeEvent, None]:
+        """The paused turn's held calls, answered (``report`` gets a line for the
+        model on each): an approved call runs, a denied one does not; a call the
+        pause kept from running (it came after a held one) runs now."""
+        assert ctx.resume is not None
+        for held in ctx.resume.state["calls"]:
+            call_id, name, approval_id = held["call_id"], held["name"], held["approval_id"]
+            if approval_id is not None:
+                approved, reason = ctx.resume.answers.get(
+                    approval_id, (False, "the request was not answered")
+                )
+                yield ApprovalAnswered(call_id, approval_id, approved, reason)
+                if not approved:
+                    yield ToolDenied(call_id, reason)
+                    why = f" ({reason})" if reason else ""
+                    report.append(
+                        f"I denied your call of {name!r} (id {call_id}){why}. It was not "
+                        "run; do not call it again for this request."
+                    )
+                    continue
+                how = "was held for my approval, and I approved it"
+            else:
+                how = "waited while another call was held for my approval"
+            outcome = await self.tools.call(name, held["input"], context)
+            yield (
+                ToolResult(call_id, outcome.output)
+                if outcome.ok
+                else ToolFailed(call_id, outcome.error)
+            )
+            report.append(f"Your call of {name!r} (id {call_id}) {how}. {_ran(outcome)}")
+
+
+def continuation_prompt(report: list[str], user_text: str | None) -> str:
+    """What a paused turn's CLI is told when it goes on: how each held call went
+    (its transcript shows them stopped), and without that transcript the turn's
+    own message first."""
+    answers = "[" + " ".join(report) + " Go on with my request.]"
+    return answers if user_text is None else f"{user_text}\n\n{answers}"
+
+
+def pause_state(
+    attempt: int, cli_id: str, held: list[_Held], translator: _Translator
+) -> dict[str, Any]:
+    """What the continuation needs: the attempt whose transcript holds the
+    pause, the calls held (or kept from running), and the usage so far."""
+    return {
+        "attempt": attempt,
+        "cli_session": cli_id,
+        "calls": [
+            {
+                "call_id": call.id,
+                "name": call.name,
+                "input": call.input,
+                "approval_id": call.approval_id,
+            }
+            for call in held
+        ],
+        "usage": list(translator.usage_so_far()),
+    }
+
+
+def _ran(outcome: ToolOutcome) -> str:
+    if outcome.ok:
+        return f"It ran once and returned: {outcome.text}"
+    return f"It ran once and failed: {outcome.text}"
+
+
+def _unrun(name: str) -> dict[str, Any]:
+    return {
+        "content": [{"type": "text", "text": f"Tool {name!r} is waiting for the user's approval."}],
+        "is_error": True,
+    }
+
+
+def _usage_of(value: Any) -> tuple[int, int]:
+    if isinstance(value, list) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    return 0, 0
+
+
+@dataclass(slots=True)
+class _Holds:
+    """The MCP handlers' side of a hold: set once a call that needs approval is
+    held; the count of other calls still running (the CLI is stopped after them)."""
+
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    running: int = 0
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+class _StepGate:
+    """Holds each tool call (a PreToolUse hook) until the turn has seen the
+    model's call and put the step's steering messages into the CLI's input.
+    Written before the hook's answer, on the same pipe, they reach the CLI
+    before the call's result: its next model request has them, however fast
+    the tool."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._changed = asyncio.Condition()
+
+    async def release(self, call_ids: Sequence[str]) -> None:
+        async with self._changed:
+            self._seen.update(call_ids)
+            self._changed.notify_all()
+
+    async def hook(
+        self, event: HookInput, tool_use_id: str | None, context: HookContext
+    ) -> SyncHookJSONOutput:
+        if tool_use_id is not None:
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._changed.wait_for(lambda: tool_use_id in self._seen), GATE_WAIT
+                    )
+        return {}  # no decision: the call goes on as it would have
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A call of the paused step without a result: held for approval
+    (``approval_id``), or kept from running behind a held one."""
+
+    id: str
+    name: str
+    input: Any
+    approval_id: str | None
+
+
+async def _steer(
+    ctx: TurnContext, client: ClaudeSDKClient, request: int, steered: list[str]
+) -> AsyncGenerator[RuntimeEvent, None]:
+    """The user's messages sent while the turn ran, into the CLI's streaming
+    input while a step's tools run: the CLI gives a message that arrives
+    mid-turn to the model with the next tool results ("The user sent a new
+    message while you were working: …"), so model request ``request`` has it."""
+    for steer in await new_steers(ctx, request, steered):
+        await client.query(steer.text)
+        yield SteerEntered(steer.message_id, steer.text)
+
+
+async def _stop_at_hold(
+    client: ClaudeSDKClient, holds: _Holds, translator: _Translator, context: ToolContext
+) -> list[_Held]:
+    """Once a call is held (and the step's running calls are done), stop the CLI
+    (an interrupt: it writes the unanswered calls into its transcript as stopped,
+    then its result) and answer the calls to continue from."""
+    await holds.entered.wait()
+    await holds.idle.wait()
+    held = translator.hold()
+    try:
+        await asyncio.wait_for(client.interrupt(), INTERRUPT_TIMEOUT)
+    except Exception as exc:
+        context.cancelled.set()
+        raise RuntimeFailure("the Claude Code CLI could not be stopped for an approval") from exc
+    return held
 
 
 def history_section(ctx: TurnContext) -> str:
@@ -538,8 +792,17 @@ class _Mirror(SessionStore):
 class _Translator:
     """CLI messages to runtime events, for one turn."""
 
-    def __init__(self, max_turns: int) -> None:
+    def __init__(
+        self, max_turns: int, needs_approval: Callable[[str, Any], bool] | None = None
+    ) -> None:
         self.max_turns = max_turns
+        self.needs_approval = needs_approval
+        self.carried = (0, 0)  # usage of the attempts before a pause
+        self._step_calls: list[ToolUseBlock] = []  # of the step the model is in
+        self._answered: set[str] = set()
+        self._held: set[str] = set()  # calls whose stopped results stay out of the chat
+        self.requests = 0  # model requests so far
+        self._step_open = False  # a step whose tool results are not all in yet
         self.result: ResultMessage | None = None
         self.failure = ""  # the text of a synthetic error message
         self._streamed: set[str] = set()  # ids of model messages seen as deltas
@@ -592,6 +855,9 @@ class _Translator:
             self._streamed.add(str((event.get("message") or {}).get("id")))
             self._open_text = ""
             self._blocks.clear()
+            self._step_calls.clear()
+            self._step_open = True
+            self.requests += 1
             return [StepStart()]
         if kind == "content_block_start":
             block = event.get("content_block") or {}
@@ -637,6 +903,7 @@ class _Translator:
         for block in message.content:
             if isinstance(block, ToolUseBlock):
                 self._calls[block.id] = block.name
+                self._step_calls.append(block)
                 events.append(ToolCall(block.id, _shown_name(block.name), block.input))
             elif streamed:
                 continue
@@ -651,8 +918,9 @@ class _Translator:
             return []
         events: list[RuntimeEvent] = []
         for block in message.content:
-            if not isinstance(block, ToolResultBlock):
+            if not isinstance(block, ToolResultBlock) or block.tool_use_id in self._held:
                 continue
+            self._answered.add(block.tool_use_id)
             text = _result_text(block.content)
             if block.is_error:
                 error = _TOOL_USE_ERROR.sub("", text).strip()
@@ -669,6 +937,50 @@ class _Translator:
                 events.append(ToolResult(block.tool_use_id, text))
         return events
 
+    def tools_started(self) -> bool:
+        """True once per step, when the model's answer has called tools: the CLI
+        runs them, then makes its next model request, with whatever reached its
+        input meanwhile."""
+        if not self._step_open or not self._step_calls:
+            return False
+        self._step_open = False
+        return True
+
+    def step_asks(self) -> bool:
+        """A call of this step needs approval: the CLI will be stopped (which
+        would drop a message in its input)."""
+        return any(self._asks(block) for block in self._step_calls)
+
+    def step_call_ids(self) -> list[str]:
+        return [block.id for block in self._step_calls]
+
+    def _asks(self, block: ToolUseBlock) -> bool:
+        return (
+            block.name.startswith(MCP_PREFIX)
+            and self.needs_approval is not None
+            and self.needs_approval(_shown_name(block.name), block.input)
+        )
+
+    def hold(self) -> list[_Held]:
+        """The current step's calls without a result, as the pause keeps them:
+        each of turnrelay's tools that needs approval gets a request, the others
+        run in the continuation. Their stopped results stay out of the chat."""
+        held: list[_Held] = []
+        for block in self._step_calls:
+            if block.id in self._answered:
+                continue
+            approval = f"approval_{uuid.uuid4().hex}" if self._asks(block) else None
+            held.append(_Held(block.id, _shown_name(block.name), block.input, approval))
+            self._held.add(block.id)
+        return held
+
+    def usage_so_far(self) -> tuple[int, int]:
+        usage = (self.result.usage if self.result is not None else None) or {}
+        return (
+            self.carried[0] + _input_tokens(usage),
+            self.carried[1] + int(usage.get("output_tokens") or 0),
+        )
+
     def finish(self) -> list[RuntimeEvent]:
         result = self.result
         if result is None:
@@ -678,14 +990,14 @@ class _Translator:
                 raise ModelError(f"the model kept calling tools past {self.max_turns} steps")
             detail = result.result or self.failure or "; ".join(result.errors or ())
             raise ModelError(_one_line(detail or f"the model call failed ({result.subtype})"))
-        events: list[RuntimeEvent] = [StepFinish()]
-        usage = result.usage or {}
-        input_tokens = sum(
-            int(usage.get(key) or 0)
-            for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-        )
-        events.append(Usage(input_tokens, int(usage.get("output_tokens") or 0)))
-        return events
+        return [StepFinish(), Usage(*self.usage_so_far())]
+
+
+def _input_tokens(usage: dict[str, Any]) -> int:
+    return sum(
+        int(usage.get(key) or 0)
+        for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
 
 
 def _bundled_cli() -> str:

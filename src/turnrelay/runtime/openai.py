@@ -67,6 +67,7 @@ from turnrelay.runtime.base import (
     ToolResult,
     TurnContext,
     Usage,
+    new_steers,
 )
 
 # Re-exported: other runtimes bound their history with the same estimate.
@@ -262,15 +263,8 @@ class OpenAIRuntime:
     async def _steers(
         self, ctx: TurnContext, request: int, messages: list[dict[str, Any]], steered: list[str]
     ) -> AsyncIterator[RuntimeEvent]:
-        """The user's messages sent while the turn ran, into the next request.
-        A retry starts over and gets the earlier attempt's again: each goes in
-        once, at the first request that finds it."""
-        if ctx.take_steers is None:
-            return
-        for steer in await ctx.take_steers(request):
-            if steer.message_id in steered:
-                continue
-            steered.append(steer.message_id)
+        """The user's messages sent while the turn ran, into the next request."""
+        for steer in await new_steers(ctx, request, steered):
             messages.append({"role": "user", "content": steer.text})
             yield SteerEntered(steer.message_id, steer.text)
 

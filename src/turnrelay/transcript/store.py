@@ -15,7 +15,10 @@ name a path outside that prefix::
 
 ``load`` answers the newest compacted transcript of an *earlier* turn (``seq``
 below this store's) followed by this attempt's own appends: a retried attempt
-never sees what a dead attempt mirrored, and a turn never sees a later one.
+never sees what a dead attempt mirrored, and a turn never sees a later one. A
+turn that paused for tool approvals continues from its own pause: its store is
+made with ``through`` (the attempt that paused), and reads up to that attempt's
+transcript of this turn as well, never a later attempt's.
 ``newest_cli_session`` names the CLI session that holds the chat session's newest
 compacted transcript, across CLI sessions: an attempt that woke up after its retry
 stored its own under another CLI session has the lower ``(seq, attempt)``.
@@ -132,14 +135,26 @@ class TranscriptStore:  # the SDK's SessionStore protocol, duck-typed as the SDK
     of chat session ``session_id`` of ``user_id``."""
 
     def __init__(
-        self, objects: ObjectStore, *, user_id: str, session_id: str, seq: int, attempt: int
+        self,
+        objects: ObjectStore,
+        *,
+        user_id: str,
+        session_id: str,
+        seq: int,
+        attempt: int,
+        through: int | None = None,
     ) -> None:
         if seq < 1 or attempt < 1:
             raise BadRequest("a transcript store needs a turn seq and attempt from 1")
+        if through is not None and not 1 <= through < attempt:
+            raise BadRequest("a continuation reads through an earlier attempt of its turn")
         self.objects = objects
         self.base = session_prefix(user_id, session_id)
         self.seq = seq
         self.attempt = attempt
+        # The highest (seq, attempt) a read may answer: an earlier turn's, or
+        # with ``through`` this turn's pause.
+        self._bound = (seq, through) if through is not None else (seq - 1, 1 << 62)
         self._next: dict[str, int] = {}  # live prefix -> next part number
 
     # -- keys ----------------------------------------------------------------------
@@ -198,8 +213,8 @@ class TranscriptStore:  # the SDK's SessionStore protocol, duck-typed as the SDK
         return entries
 
     async def load_bytes(self, key: SessionKey) -> bytes | None:
-        """The transcript as stored: the newest earlier turn's compacted lines (byte
-        for byte), then this attempt's appends; ``None`` if there is neither."""
+        """The transcript as stored: the newest readable compacted lines (byte for
+        byte), then this attempt's appends; ``None`` if there is neither."""
         stream = self._stream(key)
         base = await self._newest_compacted(stream)
         live = self._live(stream)
@@ -227,21 +242,22 @@ class TranscriptStore:  # the SDK's SessionStore protocol, duck-typed as the SDK
         best: tuple[tuple[int, int], str] | None = None
         for info in await self.objects.list(f"{stream}/c/"):
             scope = _parse_scope(info.key.rsplit("/", 1)[-1])
-            if scope is None or scope[0] >= self.seq:
+            if scope is None or scope > self._bound:
                 continue
             if best is None or scope > best[0]:
                 best = (scope, info.key)
         return None if best is None else best[1]
 
     async def newest_cli_session(self, project_key: str) -> str | None:
-        """The CLI session whose compacted transcript of an earlier turn has the
-        highest ``(seq, attempt)`` in this chat session; ``None`` if there is none."""
+        """The CLI session whose readable compacted transcript (an earlier turn's,
+        or this turn's pause) has the highest ``(seq, attempt)`` in this chat
+        session; ``None`` if there is none."""
         prefix = f"{self.base}{_project(project_key)}/"
         best: tuple[tuple[int, int], str] | None = None
         for info in await self.objects.list(prefix):
             segment, kind = _head(info.key[len(prefix) :])  # a subpath's kind is "s"
             scope = _parse_scope(info.key.rsplit("/", 1)[-1])
-            if kind != "c" or scope is None or scope[0] >= self.seq or segment.startswith("--"):
+            if kind != "c" or scope is None or scope > self._bound or segment.startswith("--"):
                 continue
             if best is None or scope > best[0]:
                 best = (scope, segment)
@@ -279,19 +295,20 @@ class TranscriptStore:  # the SDK's SessionStore protocol, duck-typed as the SDK
 
     async def compact(self, key: SessionKey, data: bytes) -> bool:
         """Store ``data`` as this turn's whole transcript, create-only under this
-        attempt's key, then drop what it supersedes (older compacted transcripts,
-        the appends of this turn and earlier ones). ``False`` when this attempt
-        already wrote one."""
+        attempt's key, then drop what it supersedes (earlier turns' compacted
+        transcripts, the appends of this turn and earlier ones). ``False`` when
+        this attempt already wrote one."""
         stream = self._stream(key)
         target = f"{stream}/c/{_scope(self.seq, self.attempt)}.jsonl"
         try:
             await self.objects.put(target, data, if_none_match=True)
         except PreconditionFailed:
             return False
-        mine = (self.seq, self.attempt)
         for info in await self.objects.list(f"{stream}/c/"):
             scope = _parse_scope(info.key.rsplit("/", 1)[-1])
-            if scope is not None and scope < mine:
+            # Earlier turns' only: this turn's earlier attempts stay until the
+            # next turn's, since a continuation reads through its pause's.
+            if scope is not None and scope[0] < self.seq:
                 await self.objects.delete(info.key)
         for info in await self.objects.list(f"{stream}/l/"):
             scope = _parse_scope(info.key[len(stream) + 3 :].split("/", 1)[0])
