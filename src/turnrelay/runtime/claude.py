@@ -439,6 +439,8 @@ class ClaudeRuntime:
                         async for event in _steer(ctx, client, translator.requests + 1, steered):
                             yield event
                     if isinstance(message, AssistantMessage):
+                        if translator.step_asks():
+                            holds.seen.set()
                         await gate.release(translator.step_call_ids())
             except ClaudeSDKError as exc:
                 failure = _failure(exc, stderr)
@@ -639,10 +641,13 @@ def _usage_of(value: Any) -> tuple[int, int]:
 
 @dataclass(slots=True)
 class _Holds:
-    """The MCP handlers' side of a hold: set once a call that needs approval is
-    held; the count of other calls still running (the CLI is stopped after them)."""
+    """A hold's state: ``entered`` once an MCP handler holds a call that needs
+    approval, ``seen`` once the turn has seen such a call (the handler can be
+    entered before the turn reads the model's message), and the count of other
+    calls still running (the CLI is stopped after them)."""
 
     entered: asyncio.Event = field(default_factory=asyncio.Event)
+    seen: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     running: int = 0
 
@@ -708,6 +713,7 @@ async def _stop_at_hold(
     (an interrupt: it writes the unanswered calls into its transcript as stopped,
     then its result) and answer the calls to continue from."""
     await holds.entered.wait()
+    await holds.seen.wait()
     await holds.idle.wait()
     held = translator.hold()
     try:
