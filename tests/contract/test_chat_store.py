@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -715,6 +717,49 @@ async def test_sqlite_uses_wal(tmp_path: object) -> None:
         assert mode == "wal"
     finally:
         await store.shutdown()
+
+
+async def test_sqlite_runs_on_the_loop_and_two_stores_of_one_file_never_deadlock(
+    tmp_path: object,
+) -> None:
+    # SQLite runs on the loop's own thread (no aiosqlite thread per
+    # connection). A writer waiting inside SQLite for another connection's
+    # write lock would then block the loop that the holder needs to finish:
+    # every writer of the process, of any store of that file, takes turns
+    # before it begins instead.
+    url = f"sqlite+aiosqlite:///{tmp_path}/shared.db"
+    await migrate(url)
+    one, two = SqlChatStore(url), SqlChatStore(url)
+    await one.startup()
+    await two.startup()
+    threads = threading.active_count()
+    try:
+        sessions_ = [await (one, two)[i % 2].create_session("alice") for i in range(20)]
+
+        async def slow_writer() -> None:
+            # A write transaction that yields to the loop while it holds the lock.
+            async with one._begin() as conn:
+                await conn.exec_driver_sql("UPDATE sessions SET title = 'held'")
+                await asyncio.sleep(0.2)
+
+        started = time.monotonic()
+        holder = asyncio.create_task(slow_writer())
+        await asyncio.sleep(0.05)
+        results = await asyncio.gather(
+            *(
+                (one, two)[i % 2].submit_turn(new(s.id, max_running_per_user=100))
+                for i, s in enumerate(sessions_)
+            )
+        )
+        await holder
+        # Waited for the holder, not in SQLite's busy wait (which blocks the
+        # loop, the holder with it, until its 30 s timeout).
+        assert time.monotonic() - started < 10
+        assert len({r.turn.id for r in results}) == 20
+        assert threading.active_count() == threads  # no thread per connection
+    finally:
+        await one.shutdown()
+        await two.shutdown()
 
 
 async def test_racing_submits_across_sessions_respect_the_user_cap(store: SqlChatStore) -> None:

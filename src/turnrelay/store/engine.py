@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from turnrelay.errors import BackendUnavailable, SchemaOutOfDate, TurnrelayError
+from turnrelay.store import inline_sqlite
 
 # How long a SQLite writer waits for another connection's write lock before
 # failing. Writes here are short single transactions; a long wait only happens
@@ -98,6 +99,14 @@ async def translate_errors() -> AsyncIterator[None]:
 # engine -----------------------------------------------------------------------------
 
 
+def sqlite_database(url: str) -> str | None:
+    """The SQLite database file of ``url``; ``None`` for PostgreSQL."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    return parsed.database or ":memory:"
+
+
 def create_engine(url: str, *, pool_size: int | None = None) -> AsyncEngine:
     """An engine for ``url``, configured for the store's concurrency (see module doc).
 
@@ -110,7 +119,11 @@ def create_engine(url: str, *, pool_size: int | None = None) -> AsyncEngine:
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(parsed)
+        # Run on the loop's thread (``inline_sqlite``): writers must take
+        # ``sqlite_writer_lock`` before they begin.
+        engine = create_async_engine(
+            parsed, connect_args={"async_creator_fn": inline_sqlite.connect}
+        )
         _configure_sqlite(engine)
         return engine
     bounds: dict[str, Any] = {}

@@ -40,7 +40,13 @@ from turnrelay.store.base import (
     TurnStatus,
     WebhookDelivery,
 )
-from turnrelay.store.engine import WRITE_OPTION, create_engine, translate_errors
+from turnrelay.store.engine import (
+    WRITE_OPTION,
+    create_engine,
+    sqlite_database,
+    translate_errors,
+)
+from turnrelay.store.inline_sqlite import writer_lock
 from turnrelay.store.records import (
     ACTIVE,
     BOOL,
@@ -108,6 +114,7 @@ class SqlChatStore:
         self._pool_size = pool_size
         self._engine: AsyncEngine | None = None
         self._write_engine: AsyncEngine | None = None
+        self._sqlite = sqlite_database(url)
 
     async def startup(self) -> None:
         if self._engine is not None:
@@ -139,7 +146,13 @@ class SqlChatStore:
         """One writing transaction; errors left untranslated (for retry logic)."""
         if self._write_engine is None:
             raise RuntimeError("SqlChatStore used before startup()")
-        async with self._write_engine.begin() as conn:
+        if self._sqlite is None:
+            async with self._write_engine.begin() as conn:
+                yield conn
+            return
+        # SQLite runs on the loop's thread: this process's writers take turns
+        # here, never inside SQLite's busy wait (``inline_sqlite``).
+        async with writer_lock(self._sqlite), self._write_engine.begin() as conn:
             yield conn
 
     async def ping(self) -> None:
