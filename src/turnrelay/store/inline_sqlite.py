@@ -68,10 +68,14 @@ _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.L
 )
 
 
-def writer_lock(database: str) -> asyncio.Lock:
-    """The lock this process's writers of ``database`` take before they begin."""
+def lock_key(database: str) -> str:
+    """The file that names ``database``'s writer lock (resolved once, by the store)."""
+    return str(Path(database).expanduser().resolve()) if database != ":memory:" else database
+
+
+def writer_lock(key: str) -> asyncio.Lock:
+    """The lock this process's writers of the file ``key`` take before they begin."""
     per_loop = _locks.setdefault(asyncio.get_running_loop(), {})
-    key = str(Path(database).expanduser().resolve()) if database != ":memory:" else database
     lock = per_loop.get(key)
     if lock is None:
         lock = per_loop[key] = asyncio.Lock()

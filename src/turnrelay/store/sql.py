@@ -46,7 +46,7 @@ from turnrelay.store.engine import (
     sqlite_database,
     translate_errors,
 )
-from turnrelay.store.inline_sqlite import writer_lock
+from turnrelay.store.inline_sqlite import lock_key, writer_lock
 from turnrelay.store.records import (
     ACTIVE,
     BOOL,
@@ -114,7 +114,10 @@ class SqlChatStore:
         self._pool_size = pool_size
         self._engine: AsyncEngine | None = None
         self._write_engine: AsyncEngine | None = None
-        self._sqlite = sqlite_database(url)
+        database = sqlite_database(url)
+        # SQLite only: the key of its writers' lock (a path resolved once, not
+        # on every write).
+        self._sqlite = lock_key(database) if database is not None else None
 
     async def startup(self) -> None:
         if self._engine is not None:
