@@ -443,3 +443,19 @@ async def test_a_receiver_cancelled_as_it_is_handed_a_delivery_loses_nothing(
     await taken.ack()
     for r in receivers[1:]:
         r.cancel()
+
+
+async def test_one_delivery_among_many_idle_receivers_reaches_exactly_one(
+    queues: Factory,
+) -> None:
+    """An executor's workers all wait on one consumer: a delivery goes to one of
+    them, and the rest keep waiting until their own timeout answers ``None``."""
+    queue = await queues()
+    await queue.start_consuming(prefetch=10)
+    receivers = [asyncio.create_task(queue.receive(timeout=2.0)) for _ in range(40)]
+    await asyncio.sleep(0.05)
+    await queue.publish(turn(1))
+    results = await asyncio.gather(*receivers)
+    got = [d for d in results if d is not None]
+    assert [d.message for d in got] == [turn(1)]
+    await got[0].ack()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from turnrelay.errors import BackendUnavailable
 from turnrelay.queue.base import TurnMessage
+from turnrelay.queue.handoff import Handoff
 
 
 @dataclass(slots=True)
@@ -145,8 +146,7 @@ class MemoryTurnQueue:
         self._consuming = False
         self._closed = False
         # Taken from the broker, not yet handed out by ``receive``.
-        self._buffer: deque[MemoryDelivery] = deque()
-        self._buffer_changed = asyncio.Event()
+        self._buffer: Handoff[MemoryDelivery] = Handoff()
         # Taken from the broker and not yet acked or requeued (buffered ones included).
         self._outstanding: list[MemoryDelivery] = []
         self._cancels: asyncio.Queue[str | None] | None = None
@@ -178,39 +178,25 @@ class MemoryTurnQueue:
         self._prefetch = prefetch
         if not self._consuming:
             self._consuming = True
+            self._buffer.open()
             self._broker._add_consumer(self)
 
     async def receive(
         self,
         timeout: float | None = None,
     ) -> MemoryDelivery | None:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while not self._buffer:
-            if not self._consuming:
-                return None
-            self._buffer_changed.clear()
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                return None
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._buffer_changed.wait()
-            except TimeoutError:
-                return None
-        return self._buffer.popleft()
+        return await self._buffer.get(timeout)
 
     async def stop_consuming(self) -> None:
         if not self._consuming:
             return
         self._consuming = False
         self._broker._remove_consumer(self)
-        unreceived = list(self._buffer)
-        self._buffer.clear()
+        unreceived = self._buffer.take_all()
+        self._buffer.close()
         for delivery in unreceived:
             delivery._settled = True
             self._outstanding.remove(delivery)
-        self._buffer_changed.set()
         self._broker._return([delivery._envelope for delivery in unreceived])
 
     async def publish_cancel(self, turn_id: str) -> None:
@@ -242,8 +228,7 @@ class MemoryTurnQueue:
         delivery = MemoryDelivery(self, envelope, redelivered=envelope.delivered)
         envelope.delivered = True
         self._outstanding.append(delivery)
-        self._buffer.append(delivery)
-        self._buffer_changed.set()
+        self._buffer.put(delivery)
 
     def _settled(self, delivery: MemoryDelivery) -> None:
         self._outstanding.remove(delivery)

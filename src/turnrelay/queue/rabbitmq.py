@@ -61,6 +61,7 @@ from aio_pika.abc import (
 
 from turnrelay.errors import BackendUnavailable, ConfigError, PublishFailed
 from turnrelay.queue.base import TurnMessage
+from turnrelay.queue.handoff import Handoff
 from turnrelay.queue.topology import TURN_ROUTING_KEY, ExchangeSpec, QueueSpec, Topology
 
 log = logging.getLogger(__name__)
@@ -199,8 +200,7 @@ class RabbitTurnQueue:
         self._turns_queue: AbstractRobustQueue | None = None
         self._consumer_tag: str | None = None
         self._consuming = False
-        self._buffer: asyncio.Queue[RabbitDelivery] = asyncio.Queue()
-        self._stopped = asyncio.Event()
+        self._buffer: Handoff[RabbitDelivery] = Handoff()
 
         self._cancel_lock = asyncio.Lock()
         self._cancel_channel: AbstractRobustChannel | None = None
@@ -216,14 +216,13 @@ class RabbitTurnQueue:
         """Close the connection; the broker requeues every unacked delivery."""
         self._closed = True
         self._consuming = False
-        self._stopped.set()
+        self._buffer.close()
         self._cancels.put_nowait(None)
         connection, self._connection = self._connection, None
         self._publish_channel = self._consume_channel = self._cancel_channel = None
         self._exchanges.clear()
         self._turns_queue = None
-        while not self._buffer.empty():
-            self._buffer.get_nowait()
+        self._buffer.take_all()
         if connection is not None:
             try:
                 await connection.close()
@@ -405,7 +404,7 @@ class RabbitTurnQueue:
                 assert self._turns_queue is not None
                 await self._consume_channel.set_qos(prefetch_count=prefetch)
                 self._consuming = True
-                self._stopped.clear()
+                self._buffer.open()
                 self._consumer_tag = await self._turns_queue.consume(
                     self._on_turn, consumer_tag=self.consumer_id
                 )
@@ -424,7 +423,7 @@ class RabbitTurnQueue:
             log.error("dropping a malformed turn message: %r", incoming.body[:200])
             await incoming.reject(requeue=False)
             return
-        self._buffer.put_nowait(RabbitDelivery(self, incoming, message))
+        self._buffer.put(RabbitDelivery(self, incoming, message))
 
     async def receive(
         self,
@@ -434,47 +433,20 @@ class RabbitTurnQueue:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            if self._buffer.empty() and not self._consuming:
-                return None
-            remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
-            delivery = await self._next_or_stop(remaining)
-            if delivery is None:
-                return None
-            if not delivery.stale:
+            remaining = None if deadline is None else deadline - loop.time()
+            delivery = await self._buffer.get(remaining)
+            if delivery is None or not delivery.stale:
                 return delivery
-
-    async def _next_or_stop(self, wait: float | None) -> RabbitDelivery | None:
-        if not self._buffer.empty():
-            return self._buffer.get_nowait()
-        get = asyncio.ensure_future(self._buffer.get())
-        stop = asyncio.ensure_future(self._stopped.wait())
-        try:
-            await asyncio.wait((get, stop), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            # Cancelled just as the buffer handed this receiver a delivery: give
-            # it back, or it would sit unacked until the channel closes.
-            if get.done() and not get.cancelled():
-                self._buffer.put_nowait(get.result())
-            raise
-        finally:
-            stop.cancel()
-            if not get.done():
-                get.cancel()
-        if get.done() and not get.cancelled():
-            return get.result()
-        return None
 
     async def stop_consuming(self) -> None:
         """Cancel the consumer and give back what was taken but not received."""
         if not self._consuming:
             return
         self._consuming = False
-        self._stopped.set()
         queue, tag = self._turns_queue, self._consumer_tag
         self._consumer_tag = None
-        unreceived: list[RabbitDelivery] = []
-        while not self._buffer.empty():
-            unreceived.append(self._buffer.get_nowait())
+        unreceived = self._buffer.take_all()
+        self._buffer.close()
         try:
             if queue is not None and tag is not None:
                 await queue.cancel(tag)
