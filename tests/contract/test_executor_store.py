@@ -578,3 +578,29 @@ async def test_steers_are_taken_once_by_the_running_attempt_or_become_the_next_t
     c = (await db.submit_turn(dataclasses.replace(steer, text="late"))).turn
     assert [t.turn_id for t in await port.take_steers(running.id, 2, 4)] == []
     assert (await port.get_turn(c.id)).status is TurnStatus.QUEUED
+
+
+@pytest.mark.parametrize("database", [SQL[1]], indirect=True)
+async def test_a_model_request_with_no_steer_to_take_does_not_wait_for_the_session_lock(
+    stores: Stores, database: tuple[str, str | None]
+) -> None:
+    """Every model request asks for steers; almost always there are none. That
+    answer is a read: it does not queue behind a submit (or anything else)
+    holding the session's lock, as taking a steer must."""
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    db, port = stores.setup, stores.port
+    s = await new_session(db)
+    running = (await db.submit_turn(new(s.id, "go"))).turn
+    assert await port.dispatch_next(s.id) is not None
+    await port.start_turn(running.id, 0)
+    engine = create_async_engine(database[0])
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text("SELECT id FROM sessions WHERE id = :id FOR UPDATE"), {"id": s.id}
+            )
+            assert await asyncio.wait_for(port.take_steers(running.id, 1, 1), 10) == []
+    finally:
+        await engine.dispose()

@@ -523,6 +523,9 @@ class SqlChatStore:
         async def write(conn: AsyncConnection) -> list[Steer]:
             return await steering.take(conn, turn_id, attempt, step, self._now())
 
+        async with self._read() as conn:
+            if (await conn.execute(steering.ANY_FOR, {"turn_id": turn_id})).first() is None:
+                return []  # nothing to take: no write transaction, no session lock
         return await self._once(call_id, "take_steers", STEERS, write)
 
     async def approvals(self, turn_id: str) -> list[ApprovalRecord]:

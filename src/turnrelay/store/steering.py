@@ -24,6 +24,40 @@ from turnrelay.store.base import Steer, TurnStatus
 from turnrelay.store.tables import messages, sessions, turns
 
 
+def _steers_of(turn_id: str | sa.BindParameter[str]) -> sa.ColumnElement[bool]:
+    """Steering messages of ``turn_id``'s session sent after it: they can only
+    be its own (a steer is queued behind the running turn), and this is the
+    ``(session_id, seq)`` index, not a scan of every turn."""
+    mine = turns.alias("mine")
+    return sa.and_(
+        turns.c.session_id
+        == sa.select(mine.c.session_id).where(mine.c.id == turn_id).scalar_subquery(),
+        turns.c.seq > sa.select(mine.c.seq).where(mine.c.id == turn_id).scalar_subquery(),
+        turns.c.steer == sa.true(),
+    )
+
+
+def _takeable() -> sa.ColumnElement[bool]:
+    return sa.and_(
+        turns.c.status == TurnStatus.QUEUED.value,
+        turns.c.dispatched == sa.false(),
+        turns.c.superseded_by.is_(None),
+    )
+
+
+_TURN = sa.bindparam("turn_id", type_=sa.String)
+
+# One indexed read (parameter ``turn_id``, built once): has the turn a steering
+# message to take, or taken one before? Almost every model request of almost
+# every turn has none, and then ``take``'s write transaction (and its session
+# lock) is not needed.
+ANY_FOR = (
+    sa.select(turns.c.id)
+    .where(_steers_of(_TURN), sa.or_(turns.c.steered_into == _TURN, _takeable()))
+    .limit(1)
+)
+
+
 async def take(
     conn: AsyncConnection, turn_id: str, attempt: int, step: int, now: datetime
 ) -> list[Steer]:
@@ -52,9 +86,7 @@ async def take(
             turns.c.session_id == row.session_id,
             turns.c.seq > row.seq,
             turns.c.steer == sa.true(),
-            turns.c.status == TurnStatus.QUEUED.value,
-            turns.c.dispatched == sa.false(),
-            turns.c.superseded_by.is_(None),
+            _takeable(),
         )
         .values(
             status=TurnStatus.COMPLETED.value,
@@ -67,7 +99,11 @@ async def take(
     taken = await conn.execute(
         sa.select(turns.c.id, turns.c.user_message_id, turns.c.steered_step, messages.c.content)
         .join(messages, messages.c.id == turns.c.user_message_id)
-        .where(turns.c.steered_into == turn_id)
+        .where(
+            turns.c.session_id == row.session_id,
+            turns.c.seq > row.seq,
+            turns.c.steered_into == turn_id,
+        )
         .order_by(turns.c.seq)
     )
     return [Steer(r.id, r.user_message_id, r.content, r.steered_step) for r in taken.all()]
