@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import urllib.request
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -173,7 +174,7 @@ class OpenAIRuntime:
                 api_key=self._api_key,
                 timeout=self.timeout,
                 max_retries=self.max_retries,
-                http_client=self._http_client,
+                http_client=self._http_client or _aiohttp_client(),
             )
         return self._sdk
 
@@ -370,11 +371,15 @@ class OpenAIRuntime:
                         yield event
         except openai.APIStatusError as exc:
             raise ModelError(_status_message(exc)) from exc
-        except openai.APITimeoutError as exc:
-            raise ModelError(f"the model endpoint did not answer within {self.timeout:g}s") from exc
-        except openai.APIConnectionError as exc:
+        except openai.APIConnectionError as exc:  # APITimeoutError included
+            refused = _refused(exc)
+            if isinstance(exc, openai.APITimeoutError) and refused is None:
+                raise ModelError(
+                    f"the model endpoint did not answer within {self.timeout:g}s"
+                ) from exc
             raise ModelError(
-                f"could not reach the model endpoint {self.base_url}: {_cause(exc)}"
+                f"could not reach the model endpoint {self.base_url}: "
+                f"{_describe(refused) if refused is not None else _cause(exc)}"
             ) from exc
         except openai.APIError as exc:
             raise ModelError(f"the model endpoint failed: {exc.message}") from exc
@@ -426,6 +431,25 @@ def _assistant_message(step: _StepResult, calls: list[_Call]) -> dict[str, Any]:
             for call in calls
         ],
     }
+
+
+def _aiohttp_client() -> httpx2.AsyncClient | None:
+    """The SDK's aiohttp transport, which its docs name for concurrency: reading
+    a model's stream through it costs a fraction of the CPU of the default
+    httpx transport (anyio checkpoints and a cancel scope per read), the largest
+    cost of relaying many turns at once (``BENCHMARKS.md``). Kept off where a
+    proxy is configured (aiohttp does not read ``HTTPS_PROXY`` and the like;
+    the default client does) or aiohttp is missing: ``None``, the SDK's default.
+    The SDK closes the client with itself."""
+    if urllib.request.getproxies():
+        return None
+    try:
+        import aiohttp  # noqa: F401  (the SDK's client needs it)
+        from openai import DefaultAioHttpClient
+    except ImportError:
+        return None
+    client: httpx2.AsyncClient = DefaultAioHttpClient()
+    return client
 
 
 async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -517,6 +541,19 @@ def _status_message(exc: openai.APIStatusError) -> str:
         detail = exc.message
     text = " ".join(str(detail).split())[:300]
     return f"the model endpoint answered HTTP {exc.status_code}: {text}"
+
+
+def _refused(exc: BaseException) -> OSError | None:
+    """The socket error (refused, unreachable, reset) under an SDK error, if one
+    is. The SDK's aiohttp transport reports a refused connection as a connect
+    *timeout* (its exception map ranks aiohttp's ClientConnectionError first), so
+    the cause chain, not the SDK's type, says which it was."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and not isinstance(seen, TimeoutError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _cause(exc: BaseException) -> str:
