@@ -227,3 +227,19 @@ async def test_cancellation_closes_the_model_stream(
     request = fake_server.request_with(marker)
     closed = await fake_server.wait_closed(request["request_index"])
     assert closed["completed"] is False
+
+
+async def test_the_aiohttp_transport_is_used_unless_a_proxy_is_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from openai._vendor.httpx_aiohttp import AiohttpTransport
+
+    from turnrelay.runtime.openai import _aiohttp_client
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    client = _aiohttp_client()
+    assert client is not None and isinstance(client._transport, AiohttpTransport)
+    await client.aclose()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert _aiohttp_client() is None  # the SDK's own client, which honours the proxy
