@@ -87,6 +87,15 @@ class Subscription:
         self._buffer.append(exc)
         self._ready.set()
 
+    def next_ready(self) -> Frame | None:
+        """The next frame if one is already here (never an error: ``next``
+        raises those, after the frames before them)."""
+        if self._buffer and not isinstance(self._buffer[0], BaseException):
+            item = self._buffer.popleft()
+            assert not isinstance(item, BaseException)
+            return item
+        return None
+
     async def next(self, timeout: float) -> Frame | None:
         """The next frame, or ``None`` when ``timeout`` passes first (time to ping)."""
         if not self._buffer:
@@ -141,6 +150,10 @@ class StreamHub:
     def __init__(self, events: EventLog) -> None:
         self._events = events
         self._subs: dict[str, set[Subscription]] = {}
+        # Per followed turn, the lowest cursor of its live subscribers: where the
+        # next read starts. Kept up to date as cursors move (only the turns a
+        # read brought frames for), not rebuilt over every turn for every read.
+        self._cursors: dict[str, int] = {}
         self._changed = asyncio.Event()  # a subscriber arrived while none was read
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -159,6 +172,7 @@ class StreamHub:
         for subs in self._subs.values():
             for sub in subs:
                 sub.fail(StreamClosed())
+        self._cursors.clear()  # ended, they hold no read back
 
     async def start(self) -> None:
         if self._task is None:
@@ -183,6 +197,7 @@ class StreamHub:
         await self.start()
         sub = Subscription(turn_id, after)
         self._subs.setdefault(turn_id, set()).add(sub)
+        self._recount(turn_id)
         try:
             await self._cover(turn_id, after)
             yield sub
@@ -192,6 +207,16 @@ class StreamHub:
                 group.discard(sub)
                 if not group:
                     del self._subs[turn_id]
+            self._recount(turn_id)
+
+    def _recount(self, turn_id: str) -> None:
+        """Where reads of ``turn_id`` start: its live subscribers' lowest cursor
+        (an ended one holds no read back); not read at all without one."""
+        live = [s.cursor for s in self._subs.get(turn_id, ()) if not s.ended]
+        if live:
+            self._cursors[turn_id] = min(live)
+        else:
+            self._cursors.pop(turn_id, None)
 
     async def _cover(self, turn_id: str, after: int) -> None:
         """Make sure a read from ``after`` comes soon: the blocked one covers it,
@@ -218,11 +243,7 @@ class StreamHub:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            cursors = {
-                t: min(live)
-                for t, subs in self._subs.items()
-                if (live := [s.cursor for s in subs if not s.ended])
-            }
+            cursors = dict(self._cursors)  # this read's; handovers move the live ones
             if not cursors:  # only ended subscribers, waiting for their clients to go
                 self._changed.clear()
                 await self._changed.wait()
@@ -237,6 +258,7 @@ class StreamHub:
                     for sub in subs:
                         sub.fail(exc)
                 self._subs.clear()
+                self._cursors.clear()
                 await asyncio.sleep(0.5)
                 continue
             finally:
@@ -245,6 +267,7 @@ class StreamHub:
             for turn_id, frames in batches.items():
                 for sub in list(self._subs.get(turn_id, ())):
                     _hand_over(sub, frames, read_from=cursors[turn_id])
+                self._recount(turn_id)
 
 
 def _hand_over(sub: Subscription, frames: list[Frame], *, read_from: int) -> None:
