@@ -274,3 +274,25 @@ async def test_waiting_cancels_share_the_hubs_one_blocking_read(tmp_path: Path) 
         await store.shutdown()
         await events.shutdown()
         redis.kill()
+
+
+async def test_frames_already_here_go_out_in_one_write_and_a_later_one_alone(
+    log: EventLog, hub: StreamHub
+) -> None:
+    """Under load the hub hands a subscriber several frames at once: the SSE
+    stream writes them together (one send, not one per frame); a frame that
+    arrives later is written as it comes, and the terminal one ends it."""
+    from turnrelay.api.sse import DONE, encode_frame, turn_frames
+
+    await log.append("t", frs(1, 4), epoch=1, ttl=LIVE)
+    stream = turn_frames(hub, "t", 0, heartbeat=LIVE, metrics=Metrics("api"))
+    first = await asyncio.wait_for(anext(stream), BOUND)
+    assert first == b"".join(encode_frame("t", f) for f in frs(1, 4))
+    later = asyncio.create_task(anext(stream))
+    await asyncio.sleep(0.05)
+    assert not later.done()
+    end = Frame(5, '{"type":"finish"}', terminal=True)
+    await log.append("t", [end], epoch=1, ttl=LIVE)
+    assert await asyncio.wait_for(later, BOUND) == encode_frame("t", end)
+    assert await anext(stream) == DONE
+    await stream.aclose()
