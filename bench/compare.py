@@ -4,7 +4,9 @@ This machine's speed drifts by a third within minutes (other work shares it),
 so a change is measured against the code before it run for run: each of RUNS
 rounds runs ``bench/concurrency.py`` once with the server processes importing
 the ``--base`` checkout's ``src`` (``PYTHONPATH``) and once with this one, in
-alternating order, and the medians of both are printed side by side.
+alternating order, and the medians of both are printed side by side. With
+``--after`` the "after" side is another checkout too (so this one can change
+while it runs).
 
     git worktree add /tmp/base <commit>
     python bench/compare.py --base /tmp/base --runs 5 -- --n 500 --tokens 2
@@ -43,13 +45,14 @@ def run_once(args: list[str], base: Path | None) -> list[dict[str, object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, required=True, help="checkout of the code before")
+    parser.add_argument("--after", type=Path, help="checkout of the code after (default: this)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("bench_args", nargs=argparse.REMAINDER)
     opts = parser.parse_args()
     args = [a for a in opts.bench_args if a != "--"]
     got: dict[str, list[list[dict[str, object]]]] = {"before": [], "after": []}
     for i in range(opts.runs):
-        order = [("before", opts.base), ("after", None)]
+        order = [("before", opts.base), ("after", opts.after)]
         if i % 2:
             order.reverse()
         for label, base in order:

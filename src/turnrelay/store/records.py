@@ -52,6 +52,10 @@ def turn_query() -> sa.Select[Any]:
     )
 
 
+# A turn by id (parameter ``turn_id``), built once: the hottest read.
+TURN_BY_ID = turn_query().where(turns.c.id == sa.bindparam("turn_id"))
+
+
 def turn_record(m: RowMapping) -> TurnRecord:
     return TurnRecord(
         id=m["id"],

@@ -52,6 +52,7 @@ from turnrelay.store.records import (
     BOOL,
     NOTHING,
     STEERS,
+    TURN_BY_ID,
     TURN_OR_NONE,
     TURNS,
     WEBHOOKS,
@@ -86,6 +87,25 @@ _SESSION_MESSAGES = (
 )
 _HISTORY = _SESSION_MESSAGES.where(
     turns.c.seq < sa.bindparam("before_seq"), messages.c.content != ""
+)
+# The executor's start and the API's publish mark of every turn.
+_START = (
+    sa.update(turns)
+    .where(
+        turns.c.id == sa.bindparam("p_turn_id"),
+        turns.c.attempt == sa.bindparam("p_attempt"),
+        turns.c.status.in_(ACTIVE),
+    )
+    .values(
+        status=TurnStatus.RUNNING.value,
+        attempt=turns.c.attempt + 1,
+        started_at=sa.bindparam("p_now"),
+    )
+)
+_PUBLISHED = (
+    sa.update(turns)
+    .where(turns.c.id == sa.bindparam("p_turn_id"), turns.c.published_at.is_(None))
+    .values(published_at=sa.bindparam("p_now"))
 )
 
 
@@ -334,7 +354,7 @@ class SqlChatStore:
 
     async def get_turn(self, turn_id: str) -> TurnRecord:
         async with self._read() as conn:
-            row = (await conn.execute(turn_query().where(turns.c.id == turn_id))).first()
+            row = (await conn.execute(TURN_BY_ID, {"turn_id": turn_id})).first()
         if row is None:
             raise TurnNotFound(f"turn {turn_id} not found")
         return turn_record(row._mapping)
@@ -364,11 +384,7 @@ class SqlChatStore:
 
     async def mark_published(self, turn_id: str, *, call_id: str | None = None) -> None:
         async def write(conn: AsyncConnection) -> None:
-            await conn.execute(
-                sa.update(turns)
-                .where(turns.c.id == turn_id, turns.c.published_at.is_(None))
-                .values(published_at=self._now())
-            )
+            await conn.execute(_PUBLISHED, {"p_turn_id": turn_id, "p_now": self._now()})
 
         await self._once(call_id, "mark_published", NOTHING, write)
 
@@ -434,21 +450,11 @@ class SqlChatStore:
     ) -> TurnRecord | None:
         async def write(conn: AsyncConnection) -> TurnRecord | None:
             result = await conn.execute(
-                sa.update(turns)
-                .where(
-                    turns.c.id == turn_id,
-                    turns.c.attempt == attempt,
-                    turns.c.status.in_(ACTIVE),
-                )
-                .values(
-                    status=TurnStatus.RUNNING.value,
-                    attempt=turns.c.attempt + 1,
-                    started_at=self._now(),
-                )
+                _START, {"p_turn_id": turn_id, "p_attempt": attempt, "p_now": self._now()}
             )
             if result.rowcount != 1:
                 return None
-            row = (await conn.execute(turn_query().where(turns.c.id == turn_id))).one()
+            row = (await conn.execute(TURN_BY_ID, {"turn_id": turn_id})).one()
             return turn_record(row._mapping)
 
         return await self._once(call_id, "start_turn", TURN_OR_NONE, write)

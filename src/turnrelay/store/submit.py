@@ -109,13 +109,7 @@ async def submit(
         )
 
     now = clock()
-    last_seq = (
-        await conn.execute(
-            sa.select(sa.func.coalesce(sa.func.max(turns.c.seq), 0)).where(
-                turns.c.session_id == new.session_id
-            )
-        )
-    ).scalar_one()
+    last_seq = (await conn.execute(_LAST_SEQ, {"session_id": new.session_id})).scalar_one()
     turn = TurnRecord(
         id=new_id(),
         session_id=new.session_id,
@@ -133,27 +127,28 @@ async def submit(
         created_at=now,
     )
     await conn.execute(
-        sa.insert(turns).values(
-            id=turn.id,
-            session_id=turn.session_id,
-            user_id=turn.user_id,
-            seq=turn.seq,
-            status=turn.status.value,
-            attempt=0,
-            model=turn.model,
-            user_message_id=turn.user_message_id,
-            assistant_message_id=turn.assistant_message_id,
-            client_message_id=turn.client_message_id,
-            dispatched=turn.dispatched,
-            dispatched_at=now if turn.dispatched else None,
-            cancel_requested=False,
-            created_at=now,
-            webhook_url=new.webhook_url,
-            steer=new.multitask is Multitask.STEER,
-        )
+        _INSERT_TURN,
+        {
+            "id": turn.id,
+            "session_id": turn.session_id,
+            "user_id": turn.user_id,
+            "seq": turn.seq,
+            "status": turn.status.value,
+            "attempt": 0,
+            "model": turn.model,
+            "user_message_id": turn.user_message_id,
+            "assistant_message_id": turn.assistant_message_id,
+            "client_message_id": turn.client_message_id,
+            "dispatched": turn.dispatched,
+            "dispatched_at": now if turn.dispatched else None,
+            "cancel_requested": False,
+            "created_at": now,
+            "webhook_url": new.webhook_url,
+            "steer": new.multitask is Multitask.STEER,
+        },
     )
     await conn.execute(
-        sa.insert(messages),
+        _INSERT_MESSAGE,
         [
             {
                 "id": turn.user_message_id,
@@ -175,12 +170,12 @@ async def submit(
             },
         ],
     )
-    values: dict[str, Any] = {"updated_at": now}
+    values: dict[str, Any] = {"p_session_id": new.session_id, "updated_at": now}
     if new.regenerate and await supersede(conn, new, turn.id):
         values["cli_session_id"] = None  # the CLI's transcript holds the old answer
     if session.title is None:
         values["title"] = title_from(new.text)
-    await conn.execute(sa.update(sessions).where(sessions.c.id == new.session_id).values(**values))
+    await conn.execute(_UPDATE_SESSION, values)  # SET: the keys of ``values`` but the id
     return SubmitResult(turn, created=True, earlier_active=active)
 
 
@@ -309,9 +304,7 @@ def turn_end_payload(
 
 async def lock_session(conn: AsyncConnection, session_id: str, user_id: str) -> SessionRecord:
     """Read (and on PostgreSQL lock) the user's session; ``SessionNotFound`` if not theirs."""
-    row = (
-        await conn.execute(sa.select(sessions).where(sessions.c.id == session_id).with_for_update())
-    ).first()
+    row = (await conn.execute(_SESSION_FOR_UPDATE, {"session_id": session_id})).first()
     if row is None or row.user_id != user_id:
         raise SessionNotFound(f"session {session_id} not found")
     return session_record(row._mapping)
@@ -320,14 +313,13 @@ async def lock_session(conn: AsyncConnection, session_id: str, user_id: str) -> 
 async def active_turns(
     conn: AsyncConnection, session_id: str, *, before_seq: int | None = None
 ) -> list[TurnRecord]:
-    query = (
-        turn_query()
-        .where(turns.c.session_id == session_id, turns.c.status.in_(ACTIVE))
-        .order_by(turns.c.seq)
-    )
-    if before_seq is not None:
-        query = query.where(turns.c.seq < before_seq)
-    return [turn_record(r._mapping) for r in (await conn.execute(query)).all()]
+    if before_seq is None:
+        rows = await conn.execute(_ACTIVE_OF, {"session_id": session_id})
+    else:
+        rows = await conn.execute(
+            _ACTIVE_OF.where(turns.c.seq < before_seq), {"session_id": session_id}
+        )
+    return [turn_record(r._mapping) for r in rows.all()]
 
 
 async def supersede(conn: AsyncConnection, new: NewTurn, by: str) -> bool:
@@ -392,6 +384,20 @@ _IN_FLIGHT = (
     )
     .limit(1)
 )
+_SESSION_FOR_UPDATE = (
+    sa.select(sessions).where(sessions.c.id == sa.bindparam("session_id")).with_for_update()
+)
+_ACTIVE_OF = (
+    turn_query()
+    .where(turns.c.session_id == sa.bindparam("session_id"), turns.c.status.in_(ACTIVE))
+    .order_by(turns.c.seq)
+)
+_LAST_SEQ = sa.select(sa.func.coalesce(sa.func.max(turns.c.seq), 0)).where(
+    turns.c.session_id == sa.bindparam("session_id")
+)
+_INSERT_TURN = sa.insert(turns)
+_INSERT_MESSAGE = sa.insert(messages)
+_UPDATE_SESSION = sa.update(sessions).where(sessions.c.id == sa.bindparam("p_session_id"))
 _OLDEST_FIRST = (turns.c.created_at, turns.c.id)
 _SESSION_HEADS = (
     waiting_heads().where(turns.c.session_id == sa.bindparam("session_id")).order_by(*_OLDEST_FIRST)
