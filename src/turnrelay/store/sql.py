@@ -380,6 +380,20 @@ class SqlChatStore:
                 max_running_per_user=max_running_per_user,
             )
 
+        if self._sqlite is not None:
+            # SQLite runs one writer at a time, so a read now sees every submit
+            # that found this user's slots full (it committed before the write
+            # that freed one) and every unconfirmed head of the session; a
+            # submit after that write found the slot free and took it. Nothing
+            # there, nothing to admit: the common case (every finish asks) is
+            # then one read, not a write transaction. On PostgreSQL a submit
+            # can be mid-transaction now, so the write path, which waits for
+            # its user lock, always runs.
+            async with self._read() as conn:
+                found = await conn.execute(submit.MAY_ADMIT, {"session_id": session_id})
+                if found.first() is None:
+                    return None
+
         return await self._once(call_id, "dispatch_next", TURN_OR_NONE, write)
 
     async def mark_published(self, turn_id: str, *, call_id: str | None = None) -> None:

@@ -398,6 +398,28 @@ _LAST_SEQ = sa.select(sa.func.coalesce(sa.func.max(turns.c.seq), 0)).where(
 _INSERT_TURN = sa.insert(turns)
 _INSERT_MESSAGE = sa.insert(messages)
 _UPDATE_SESSION = sa.update(sessions).where(sessions.c.id == sa.bindparam("p_session_id"))
+# Could ``dispatch_next`` of the session (parameter ``session_id``) admit
+# anything? A superset, one indexed read: its owner has a queued turn not yet
+# dispatched (a waiting head, or one behind its session's active turn), or the
+# session has a dispatched head whose publish was never confirmed.
+MAY_ADMIT = sa.select(sa.literal(1)).where(
+    sa.or_(
+        sa.exists().where(
+            turns.c.user_id
+            == sa.select(sessions.c.user_id)
+            .where(sessions.c.id == sa.bindparam("session_id"))
+            .scalar_subquery(),
+            turns.c.status == TurnStatus.QUEUED.value,
+            turns.c.dispatched == sa.false(),
+        ),
+        sa.exists().where(
+            turns.c.status == TurnStatus.QUEUED.value,
+            turns.c.session_id == sa.bindparam("session_id"),
+            turns.c.dispatched == sa.true(),
+            turns.c.published_at.is_(None),
+        ),
+    )
+)
 _OLDEST_FIRST = (turns.c.created_at, turns.c.id)
 _SESSION_HEADS = (
     waiting_heads().where(turns.c.session_id == sa.bindparam("session_id")).order_by(*_OLDEST_FIRST)
