@@ -604,3 +604,38 @@ async def test_a_model_request_with_no_steer_to_take_does_not_wait_for_the_sessi
             assert await asyncio.wait_for(port.take_steers(running.id, 1, 1), 10) == []
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("database", [SQL[0]], indirect=True)
+async def test_a_finish_with_nothing_to_admit_does_not_wait_for_the_sqlite_writer(
+    stores: Stores, database: tuple[str, str | None]
+) -> None:
+    """Every finish asks for the owner's next waiting head. On SQLite, with
+    none waiting, the answer is a read: it does not queue behind another
+    process's write transaction. With one waiting, it still admits it."""
+    import sqlite3
+
+    db, port = stores.setup, stores.port
+    s = await new_session(db)
+    other = await db.create_session(_owners[s.id])  # the same user's
+    _owners[other.id] = other.user_id
+    running = (await db.submit_turn(new(s.id, "go"))).turn
+    assert await port.dispatch_next(s.id, max_running_per_user=5) is not None
+    assert await port.start_turn(running.id, 0) is not None
+    path = database[0].split(":///", 1)[1]
+    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # holds the database's write lock
+        got = await asyncio.wait_for(port.dispatch_next(s.id, max_running_per_user=5), 10)
+        assert got is None
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    # A head that is waiting is still admitted (the write path).
+    waiting = (
+        await db.submit_turn(dataclasses.replace(new(other.id), max_running_per_user=1))
+    ).turn
+    assert not waiting.dispatched
+    assert await port.finish_turn(running.id, 1, TurnOutcome(TurnStatus.COMPLETED))
+    head = await port.dispatch_next(s.id, max_running_per_user=5)
+    assert head is not None and head.id == waiting.id
