@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Callable
 from turnrelay.errors import BackendUnavailable, Gone, RateLimited, TurnrelayError
 from turnrelay.events.base import EventLog, Frame
 from turnrelay.events.chunks import is_reset
+from turnrelay.queue.handoff import release
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,15 @@ class SlowReader(StreamClosed):
 
 
 class Subscription:
-    __slots__ = ("_buffer", "_ready", "cursor", "ended", "turn_id")
+    __slots__ = ("_buffer", "_waiter", "cursor", "ended", "turn_id")
 
     def __init__(self, turn_id: str, cursor: int) -> None:
         self.turn_id = turn_id
         self.cursor = cursor  # the last seq handed to this subscriber
         self._buffer: deque[Frame | BaseException] = deque()
-        self._ready = asyncio.Event()
+        # The reader's wait in ``next``: a bare future and a timer, not
+        # ``wait_for`` (a task per frame per stream).
+        self._waiter: asyncio.Future[None] | None = None
         self.ended = False  # failed: takes no more frames, holds no read back
 
     @property
@@ -76,7 +79,7 @@ class Subscription:
             return False
         self._buffer.append(frame)
         self.cursor = frame.seq
-        self._ready.set()
+        self._wake()
         return True
 
     def fail(self, exc: BaseException) -> None:
@@ -85,7 +88,11 @@ class Subscription:
             return
         self.ended = True
         self._buffer.append(exc)
-        self._ready.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            release(self._waiter)
 
     def next_ready(self) -> Frame | None:
         """The next frame if one is already here (never an error: ``next``
@@ -99,11 +106,16 @@ class Subscription:
     async def next(self, timeout: float) -> Frame | None:
         """The next frame, or ``None`` when ``timeout`` passes first (time to ping)."""
         if not self._buffer:
-            self._ready.clear()
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, release, waiter)
             try:
-                await asyncio.wait_for(self._ready.wait(), timeout)
-            except TimeoutError:
-                return None
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._buffer:
+                return None  # the timeout
         item = self._buffer.popleft()
         if isinstance(item, BaseException):
             raise item

@@ -45,7 +45,7 @@ class Handoff(Generic[T]):
         self._open = False
         waiters, self._waiters = self._waiters, OrderedDict()
         for waiter in waiters:
-            _release(waiter)
+            release(waiter)
 
     def put(self, item: T) -> None:
         self._items.append(item)
@@ -71,7 +71,7 @@ class Handoff(Generic[T]):
                 return None
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters[waiter] = None
-            timer = None if remaining is None else loop.call_later(remaining, _release, waiter)
+            timer = None if remaining is None else loop.call_later(remaining, release, waiter)
             try:
                 await waiter
             except BaseException:
@@ -92,6 +92,7 @@ class Handoff(Generic[T]):
                 return
 
 
-def _release(waiter: asyncio.Future[None]) -> None:
+def release(waiter: asyncio.Future[None]) -> None:
+    """Wake ``waiter`` unless it is done already (a timer's callback too)."""
     if not waiter.done():
         waiter.set_result(None)
