@@ -193,6 +193,10 @@ async def new_steers(ctx: TurnContext, request: int, steered: list[str]) -> list
 
 
 class AgentRuntime(Protocol):
+    """Runs turns of one provider. A runtime whose turns resume the CLI's own
+    session also sets ``resumes_cli_session = True``: only then does the runner
+    read the session's CLI session id into ``TurnContext.cli_session_id``."""
+
     async def startup(self) -> None: ...
 
     async def shutdown(self) -> None: ...

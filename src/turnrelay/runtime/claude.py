@@ -177,6 +177,10 @@ _SDK_INVALID = "Input validation error:"
 class ClaudeRuntime:
     """The AgentRuntime that runs turns with the Claude Code CLI."""
 
+    # The runner reads the session's recorded CLI session id for this runtime's
+    # turns only (``TurnContext.cli_session_id``).
+    resumes_cli_session = True
+
     def __init__(
         self,
         *,
