@@ -88,6 +88,7 @@ _SESSION_MESSAGES = (
 _HISTORY = _SESSION_MESSAGES.where(
     turns.c.seq < sa.bindparam("before_seq"), messages.c.content != ""
 )
+_INSERT_SESSION = sa.insert(sessions)
 # The executor's start and the API's publish mark of every turn.
 _START = (
     sa.update(turns)
@@ -241,14 +242,15 @@ class SqlChatStore:
         )
         async with self._write() as conn:
             await conn.execute(
-                sa.insert(sessions).values(
-                    id=record.id,
-                    user_id=user_id,
-                    title=None,
-                    cli_session_id=None,
-                    created_at=now,
-                    updated_at=now,
-                )
+                _INSERT_SESSION,
+                {
+                    "id": record.id,
+                    "user_id": user_id,
+                    "title": None,
+                    "cli_session_id": None,
+                    "created_at": now,
+                    "updated_at": now,
+                },
             )
         return record
 
