@@ -296,3 +296,38 @@ async def test_frames_already_here_go_out_in_one_write_and_a_later_one_alone(
     assert await asyncio.wait_for(later, BOUND) == encode_frame("t", end)
     assert await anext(stream) == DONE
     await stream.aclose()
+
+
+async def test_while_many_turns_stream_a_read_waits_to_bring_more_but_a_lone_one_never(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each read costs in proportion to the turns followed, so after a read
+    that brought frames of several turns the next one starts ``COALESCE``
+    later and brings that time's frames at once; a lone stream's frames are
+    handed over as they come. (The window is widened here to see it.)"""
+    from turnrelay.api import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "COALESCE", 2.0)
+    log = MemoryEventLog()
+    hub = StreamHub(log)
+    await hub.start()
+    try:
+        async with hub.subscribe("a", 0) as a, hub.subscribe("b", 0) as b:
+            await log.append("a", [fr(1)], epoch=1, ttl=LIVE)
+            await log.append("b", [fr(1)], epoch=1, ttl=LIVE)
+            assert [(await a.next(BOUND)).seq, (await b.next(BOUND)).seq] == [1, 1]
+            await log.append("a", [fr(2)], epoch=1, ttl=LIVE)
+            await asyncio.sleep(0.05)
+            await log.append("a", [fr(3)], epoch=1, ttl=LIVE)
+            frame = await a.next(BOUND)
+            assert frame is not None and frame.seq == 2
+            assert a.pending == 1  # 3 came in the same handover
+        async with hub.subscribe("c", 0) as c:
+            await log.append("c", [fr(1)], epoch=1, ttl=LIVE)
+            assert (await c.next(BOUND)).seq == 1
+            started = asyncio.get_running_loop().time()
+            await log.append("c", [fr(2)], epoch=1, ttl=LIVE)
+            assert (await c.next(BOUND)).seq == 2
+            assert asyncio.get_running_loop().time() - started < 1.0  # not held the 2 s
+    finally:
+        await hub.stop()

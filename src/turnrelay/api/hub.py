@@ -41,6 +41,12 @@ from turnrelay.queue.handoff import release
 log = logging.getLogger(__name__)
 
 _BLOCK = 5.0  # seconds a read blocks before it is reissued
+# After a read that brought frames of several turns (many streams are busy),
+# the next read starts this much later, so it brings the frames of that time
+# in one round trip. Each read costs in proportion to the turns followed (Redis
+# packs and answers a key per stream), so under load reads were most of the
+# API's CPU; a frame waits at most this long, and a lone stream never does.
+COALESCE = 0.002
 # Frames a subscriber may have waiting; beyond it the client is too slow and
 # is dropped (it resumes from its cursor, so nothing is lost).
 SUBSCRIBER_BUFFER = 2048
@@ -280,6 +286,8 @@ class StreamHub:
                 for sub in list(self._subs.get(turn_id, ())):
                     _hand_over(sub, frames, read_from=cursors[turn_id])
                 self._recount(turn_id)
+            if len(batches) > 1:
+                await asyncio.sleep(COALESCE)
 
 
 def _hand_over(sub: Subscription, frames: list[Frame], *, read_from: int) -> None:
