@@ -52,6 +52,13 @@ def turn_query() -> sa.Select[Any]:
     )
 
 
+# The compare-and-set guard of every write an attempt makes (parameters
+# ``p_turn_id``, ``p_attempt``): that attempt still holds the active turn.
+HELD_BY_ATTEMPT = sa.and_(
+    turns.c.id == sa.bindparam("p_turn_id"),
+    turns.c.attempt == sa.bindparam("p_attempt"),
+    turns.c.status.in_(ACTIVE),
+)
 # A turn by id (parameter ``turn_id``), built once: the hottest read.
 TURN_BY_ID = turn_query().where(turns.c.id == sa.bindparam("turn_id"))
 

@@ -50,6 +50,7 @@ from turnrelay.store.inline_sqlite import lock_key, writer_lock
 from turnrelay.store.records import (
     ACTIVE,
     BOOL,
+    HELD_BY_ATTEMPT,
     NOTHING,
     STEERS,
     TURN_BY_ID,
@@ -92,11 +93,7 @@ _INSERT_SESSION = sa.insert(sessions)
 # The executor's start and the API's publish mark of every turn.
 _START = (
     sa.update(turns)
-    .where(
-        turns.c.id == sa.bindparam("p_turn_id"),
-        turns.c.attempt == sa.bindparam("p_attempt"),
-        turns.c.status.in_(ACTIVE),
-    )
+    .where(HELD_BY_ATTEMPT)
     .values(
         status=TurnStatus.RUNNING.value,
         attempt=turns.c.attempt + 1,

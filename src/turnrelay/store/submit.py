@@ -35,7 +35,14 @@ from turnrelay.store.base import (
     TurnRecord,
     TurnStatus,
 )
-from turnrelay.store.records import ACTIVE, new_id, session_record, turn_query, turn_record
+from turnrelay.store.records import (
+    ACTIVE,
+    HELD_BY_ATTEMPT,
+    new_id,
+    session_record,
+    turn_query,
+    turn_record,
+)
 from turnrelay.store.tables import messages, sessions, turns, webhook_deliveries
 
 TITLE_MAX_CHARS = 80
@@ -441,11 +448,7 @@ _FINISH_READ = sa.select(
 ).where(turns.c.id == sa.bindparam("p_turn_id"))
 _FINISH_CAS = (
     sa.update(turns)
-    .where(
-        turns.c.id == sa.bindparam("p_turn_id"),
-        turns.c.attempt == sa.bindparam("p_attempt"),
-        turns.c.status.in_(ACTIVE),
-    )
+    .where(HELD_BY_ATTEMPT)
     .values(
         status=sa.bindparam("p_status"),
         error=sa.bindparam("p_error"),
