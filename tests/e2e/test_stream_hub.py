@@ -331,3 +331,26 @@ async def test_while_many_turns_stream_a_read_waits_to_bring_more_but_a_lone_one
             assert asyncio.get_running_loop().time() - started < 1.0  # not held the 2 s
     finally:
         await hub.stop()
+
+
+async def test_a_backlog_of_big_frames_goes_out_in_writes_of_bounded_size(
+    log: EventLog, hub: StreamHub
+) -> None:
+    """A client catching up on a long turn: its waiting frames are joined, but
+    no write grows past ``WRITE_BYTES`` and one frame; every frame arrives once,
+    in order."""
+    from turnrelay.api.sse import WRITE_BYTES, encode_frame, turn_frames
+
+    big = [Frame(s, '{"t":"' + "x" * 4000 + f'","n":{s}}}') for s in range(1, 41)]
+    await log.append("t", big, epoch=1, ttl=LIVE)
+    stream = turn_frames(hub, "t", 0, heartbeat=LIVE, metrics=Metrics("api"))
+    got = b""
+    writes = []
+    while len(got) < sum(len(encode_frame("t", f)) for f in big):
+        chunk = await asyncio.wait_for(anext(stream), BOUND)
+        writes.append(len(chunk))
+        got += chunk
+    await stream.aclose()
+    assert got == b"".join(encode_frame("t", f) for f in big)
+    assert 1 < len(writes) < len(big)
+    assert max(writes) < WRITE_BYTES + len(encode_frame("t", big[0]))

@@ -28,6 +28,8 @@ HEADERS = {
     "connection": "keep-alive",
 }
 PING = b": ping\n\n"
+# The most bytes of already-waiting frames joined into one write.
+WRITE_BYTES = 64 * 1024
 DONE = b"data: [DONE]\n\n"
 
 
@@ -85,16 +87,19 @@ async def turn_frames(
                 if frame is None:
                     yield PING
                     continue
-                # Frames already here go out in one write (under load the hub
-                # hands several over at once): no frame waits for another.
-                out = encode_frame(turn_id, frame)
-                while not (frame.terminal or is_pause(frame.data)):
+                # Frames already here go out in one write, up to WRITE_BYTES
+                # (under load the hub hands several over at once): no frame
+                # waits for another.
+                out = [encode_frame(turn_id, frame)]
+                size = len(out[0])
+                while size < WRITE_BYTES and not (frame.terminal or is_pause(frame.data)):
                     more = sub.next_ready()
                     if more is None:
                         break
                     frame = more
-                    out += encode_frame(turn_id, frame)
-                yield out
+                    out.append(encode_frame(turn_id, frame))
+                    size += len(out[-1])
+                yield out[0] if len(out) == 1 else b"".join(out)
                 if frame.terminal:
                     break
                 if (
