@@ -31,13 +31,16 @@ def run_once(args: list[str], base: Path | None) -> list[dict[str, object]]:
     env.pop("PYTHONPATH", None)
     if base is not None:
         env["PYTHONPATH"] = str(base / "src")
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "concurrency.py"), "--rounds", "1", *args],
         env=env,
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout
+    )
+    if done.returncode != 0:
+        side = base if base is not None else ROOT
+        sys.exit(f"concurrency.py failed against {side} (exit {done.returncode}):\n{done.stderr}")
+    out = done.stdout
     rows: list[dict[str, object]] = json.loads(out.strip().splitlines()[-1])
     return rows
 

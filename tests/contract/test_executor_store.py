@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import POSTGRES_URL, require_server
 from tests.contract.conftest import pg_admin
@@ -587,9 +590,6 @@ async def test_a_model_request_with_no_steer_to_take_does_not_wait_for_the_sessi
     """Every model request asks for steers; almost always there are none. That
     answer is a read: it does not queue behind a submit (or anything else)
     holding the session's lock, as taking a steer must."""
-    import sqlalchemy as sa
-    from sqlalchemy.ext.asyncio import create_async_engine
-
     db, port = stores.setup, stores.port
     s = await new_session(db)
     running = (await db.submit_turn(new(s.id, "go"))).turn
@@ -613,7 +613,6 @@ async def test_a_finish_with_nothing_to_admit_does_not_wait_for_the_sqlite_write
     """Every finish asks for the owner's next waiting head. On SQLite, with
     none waiting, the answer is a read: it does not queue behind another
     process's write transaction. With one waiting, it still admits it."""
-    import sqlite3
 
     db, port = stores.setup, stores.port
     s = await new_session(db)

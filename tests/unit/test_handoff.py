@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 from turnrelay.queue.base import TurnMessage
 from turnrelay.queue.handoff import Handoff
@@ -14,8 +16,9 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def count_futures(loop: asyncio.AbstractEventLoop) -> list[int]:
-    """Count the futures made on ``loop`` from now on (every wait makes one)."""
+@contextlib.contextmanager
+def count_futures(loop: asyncio.AbstractEventLoop) -> Iterator[list[int]]:
+    """Count the futures made on ``loop`` meanwhile (every wait makes one)."""
     made = [0]
     create = loop.create_future
 
@@ -24,7 +27,10 @@ def count_futures(loop: asyncio.AbstractEventLoop) -> list[int]:
         return create()
 
     loop.create_future = counting  # type: ignore[method-assign]
-    return made
+    try:
+        yield made
+    finally:
+        del loop.create_future  # the loop's own method again
 
 
 async def test_a_delivery_wakes_one_of_many_idle_workers_not_all() -> None:
@@ -35,14 +41,14 @@ async def test_a_delivery_wakes_one_of_many_idle_workers_not_all() -> None:
     await queue.start_consuming(prefetch=500)
     workers = [asyncio.create_task(queue.receive(timeout=30)) for _ in range(200)]
     await settle()
-    made = count_futures(asyncio.get_running_loop())
-    await queue.publish(TurnMessage(turn_id="t1", session_id="s1"))
-    await settle()
+    with count_futures(asyncio.get_running_loop()) as made:
+        await queue.publish(TurnMessage(turn_id="t1", session_id="s1"))
+        await settle()
     done = [w for w in workers if w.done()]
     assert len(done) == 1 and done[0].result() is not None
     assert made[0] == 0, f"{made[0]} idle workers woke up and waited again"
     await queue.stop_consuming()
-    rest = await asyncio.gather(*workers[:])
+    rest = await asyncio.gather(*workers)
     assert sum(1 for r in rest if r is not None) == 1  # stop wakes the others with None
     await queue.shutdown()
 

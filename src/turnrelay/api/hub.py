@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Callable
 from turnrelay.errors import BackendUnavailable, Gone, RateLimited, TurnrelayError
 from turnrelay.events.base import EventLog, Frame
 from turnrelay.events.chunks import is_reset
-from turnrelay.queue.handoff import release
+from turnrelay.waiters import release
 
 log = logging.getLogger(__name__)
 

@@ -256,18 +256,13 @@ class TurnRunner:
         # The CAS on the attempt we read catches any change since that read.
         # The history (earlier turns only) and the CLI's session id do not depend
         # on the CAS: read them at once.
-        cli_session = None
-        if self._resumes_cli_session(turn):
-            started, history, cli_session = await asyncio.gather(
-                self.store.start_turn(turn.id, turn.attempt),
-                self.store.history(turn.session_id, turn.seq),
-                self.store.cli_session(turn.session_id),
-            )
-        else:  # one read fewer for every turn of the other runtimes
-            started, history = await asyncio.gather(
-                self.store.start_turn(turn.id, turn.attempt),
-                self.store.history(turn.session_id, turn.seq),
-            )
+        started, history, cli_session = await asyncio.gather(
+            self.store.start_turn(turn.id, turn.attempt),
+            self.store.history(turn.session_id, turn.seq),
+            # Only a runtime that resumes the CLI's session needs its id: the
+            # others' turns skip that read.
+            self._cli_session(turn),
+        )
         resume = None
         if started is not None and started.paused is not None:
             answers = {
@@ -286,10 +281,12 @@ class TurnRunner:
             abandoned = await self._attempt(started, key, _Earlier(history, cli_session, resume))
         return _Outcome.ABANDONED if abandoned else _Outcome.DONE
 
-    def _resumes_cli_session(self, turn: TurnRecord) -> bool:
-        """Does the turn's runtime resume the CLI's own session (``claude``)?"""
+    async def _cli_session(self, turn: TurnRecord) -> str | None:
+        """The session's CLI session id, for a runtime that resumes it (``claude``)."""
         runtime = self.runtimes.get(ModelRef.parse(turn.model).provider)
-        return bool(getattr(runtime, "resumes_cli_session", False))
+        if not getattr(runtime, "resumes_cli_session", False):
+            return None
+        return await self.store.cli_session(turn.session_id)
 
     async def _attempt(self, turn: TurnRecord, key: str, earlier: _Earlier) -> bool:
         """Run one attempt; returns True when it was abandoned for shutdown."""

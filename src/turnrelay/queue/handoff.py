@@ -19,6 +19,8 @@ import asyncio
 from collections import OrderedDict, deque
 from typing import Generic, TypeVar
 
+from turnrelay.waiters import release
+
 T = TypeVar("T")
 
 
@@ -90,9 +92,3 @@ class Handoff(Generic[T]):
             if not waiter.done():
                 waiter.set_result(None)
                 return
-
-
-def release(waiter: asyncio.Future[None]) -> None:
-    """Wake ``waiter`` unless it is done already (a timer's callback too)."""
-    if not waiter.done():
-        waiter.set_result(None)

@@ -24,19 +24,6 @@ from turnrelay.store.base import Steer, TurnStatus
 from turnrelay.store.tables import messages, sessions, turns
 
 
-def _steers_of(turn_id: str | sa.BindParameter[str]) -> sa.ColumnElement[bool]:
-    """Steering messages of ``turn_id``'s session sent after it: they can only
-    be its own (a steer is queued behind the running turn), and this is the
-    ``(session_id, seq)`` index, not a scan of every turn."""
-    mine = turns.alias("mine")
-    return sa.and_(
-        turns.c.session_id
-        == sa.select(mine.c.session_id).where(mine.c.id == turn_id).scalar_subquery(),
-        turns.c.seq > sa.select(mine.c.seq).where(mine.c.id == turn_id).scalar_subquery(),
-        turns.c.steer == sa.true(),
-    )
-
-
 def _takeable() -> sa.ColumnElement[bool]:
     return sa.and_(
         turns.c.status == TurnStatus.QUEUED.value,
@@ -46,14 +33,22 @@ def _takeable() -> sa.ColumnElement[bool]:
 
 
 _TURN = sa.bindparam("turn_id", type_=sa.String)
+_MINE = turns.alias("mine")
 
 # One indexed read (parameter ``turn_id``, built once): has the turn a steering
 # message to take, or taken one before? Almost every model request of almost
 # every turn has none, and then ``take``'s write transaction (and its session
-# lock) is not needed.
+# lock) is not needed. A steer is queued behind the running turn in its session,
+# so this looks there, on the ``(session_id, seq)`` index, not at every turn.
 ANY_FOR = (
     sa.select(turns.c.id)
-    .where(_steers_of(_TURN), sa.or_(turns.c.steered_into == _TURN, _takeable()))
+    .where(
+        turns.c.session_id
+        == sa.select(_MINE.c.session_id).where(_MINE.c.id == _TURN).scalar_subquery(),
+        turns.c.seq > sa.select(_MINE.c.seq).where(_MINE.c.id == _TURN).scalar_subquery(),
+        turns.c.steer == sa.true(),
+        sa.or_(turns.c.steered_into == _TURN, _takeable()),
+    )
     .limit(1)
 )
 
